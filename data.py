@@ -27,6 +27,7 @@ import binascii
 import csv
 import io
 import itertools
+import functools
 import json
 import math
 import re
@@ -458,23 +459,25 @@ def format_choices(options: list[str] | None) -> str:
 # The synthetic high-resolution task
 
 
-def synthetic_samples(n: int, seed: int) -> list[Sample]:
+def synthetic_samples(n: int, seed: int, frame_colour: tuple[int, int, int] = FRAME_RED) -> list[Sample]:
     """`n` samples of "which pattern is inside the red frame", deterministic by `seed`.
 
     Sample i depends only on (seed, i), so synthetic_samples(10, s)[:5] == synthetic_samples(5, s).
+    `frame_colour` draws the frame in another colour (make_base's pointing examples); the question still says red.
 
     >>> s = synthetic_samples(1, seed=0)[0]
     >>> s.question, s.options, s.answer   # ('What pattern is inside the red frame?', [4 pattern names], 'C')
     """
-    return [_synthetic_sample(np.random.default_rng([seed, i]), f"synthetic-{seed}-{i}") for i in range(n)]
+    return [_synthetic_sample(np.random.default_rng([seed, i]), f"synthetic-{seed}-{i}", frame_colour)
+            for i in range(n)]
 
 
-def _synthetic_sample(rng: np.random.Generator, sample_id: str) -> Sample:
+def _synthetic_sample(rng: np.random.Generator, sample_id: str, frame_colour: tuple[int, int, int]) -> Sample:
     canvas = _cluttered_canvas(rng)
     side = int(rng.integers(TARGET_SIDE[0], TARGET_SIDE[1] + 1))
     x1, y1 = (int(v) for v in rng.integers(0, CANVAS_SIZE - side + 1, size=2))
     pattern = int(rng.integers(len(PATTERNS)))
-    canvas.paste(Image.fromarray(_target(side, PATTERNS[pattern])), (x1, y1))  # last, so no clutter covers it
+    canvas.paste(Image.fromarray(_target(side, PATTERNS[pattern], frame_colour)), (x1, y1))  # last, so no clutter covers it
 
     order = [int(k) for k in rng.permutation(len(PATTERNS))]  # shuffled so the answer letter carries no signal
     target_box = [float(x1), float(y1), float(x1 + side), float(y1 + side)]
@@ -490,19 +493,32 @@ def _synthetic_sample(rng: np.random.Generator, sample_id: str) -> Sample:
 
 
 def _cluttered_canvas(rng: np.random.Generator) -> Image.Image:
-    noise = rng.normal(128.0, NOISE_STD, size=(CANVAS_SIZE, CANVAS_SIZE))
-    canvas = Image.fromarray(np.clip(noise, 0, 255).astype(np.uint8)).convert("RGB")
+    """A colour ramp (green grows to the right, blue downwards, red stays low) with grain and clutter on top.
+
+    The ramp is the tiny model's sense of place: Qwen2.5-VL's visual tokens carry their position only as rotary
+    phases, and the 0.6M-parameter demo model could not learn to turn those into box coordinates (measured in the
+    issue note); with the ramp a visual token's own colour says where it is, as a pretrained VLM's features would.
+    Pixel (x, y) of the background is (30, 70 + 140 x / 896, 70 + 140 y / 896) plus grey grain.
+    """
+    grain = rng.normal(0.0, NOISE_STD, size=(CANVAS_SIZE, CANVAS_SIZE, 1))  # the same on all channels: no hue shift
+    canvas = Image.fromarray(np.clip(_ramp() + grain, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
     for _ in range(int(rng.integers(8, 16))):
         x, y, w, h = (int(v) for v in rng.integers([0, 0, 16, 16], [CANVAS_SIZE, CANVAS_SIZE, 200, 200]))
-        if rng.random() < 0.5:
-            draw.rectangle([x, y, x + w, y + h], fill=_clutter_colour(rng))
+        if rng.random() < 0.3:  # small filled blocks, so that most of the ramp stays in view
+            draw.rectangle([x, y, x + w // 3, y + h // 3], fill=_clutter_colour(rng))
         else:  # outlined rectangles: distractors that look like the target frame except for its colour
             draw.rectangle([x, y, x + w, y + h], outline=_clutter_colour(rng), width=int(rng.integers(2, 9)))
     for _ in range(int(rng.integers(4, 10))):
         ends = [int(v) for v in rng.integers(0, CANVAS_SIZE, size=4)]
         draw.line(ends, fill=_clutter_colour(rng), width=int(rng.integers(1, 6)))
     return canvas
+
+
+@functools.cache
+def _ramp() -> np.ndarray:
+    y, x = np.mgrid[0:CANVAS_SIZE, 0:CANVAS_SIZE] / CANVAS_SIZE
+    return np.stack([np.full_like(x, 30.0), 70 + 140 * x, 70 + 140 * y], axis=-1)
 
 
 def _clutter_colour(rng: np.random.Generator) -> tuple[int, int, int]:
@@ -513,8 +529,8 @@ def _clutter_colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return min(r, max(g, b)), g, b
 
 
-def _target(side: int, pattern: str) -> np.ndarray:
-    """A red frame of outer `side` pixels around a black-and-white `pattern`, as uint8 (side, side, 3)."""
+def _target(side: int, pattern: str, frame_colour: tuple[int, int, int]) -> np.ndarray:
+    """A `frame_colour` frame of outer `side` pixels around a black-and-white `pattern`, as uint8 (side, side, 3)."""
     inner = side - 2 * FRAME_THICKNESS
     y, x = np.mgrid[0:inner, 0:inner]
     half = PATTERN_PERIOD // 2
@@ -525,7 +541,7 @@ def _target(side: int, pattern: str) -> np.ndarray:
         "diagonal stripes": (x + y) // half,
     }[pattern]
     target = np.empty((side, side, 3), dtype=np.uint8)
-    target[:] = FRAME_RED
+    target[:] = frame_colour
     t = FRAME_THICKNESS
     target[t:-t, t:-t] = (stripes % 2 * 255).astype(np.uint8)[..., None]
     return target

@@ -31,9 +31,9 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from config import parse_config
-from crop import coverage, iou
+from crop import box_area_ratio, coverage, iou
 from data import LETTERS, load_image, read_benchmark, synthetic_samples
-from loop import setup_distributed
+from distributed import setup_distributed
 from model import default_device, load_policy
 from pictures import save_picture, trajectory_picture
 from rewards import accuracy_reward, answer_matches, tool_accuracy_reward
@@ -117,7 +117,7 @@ def prompt_wording(mode):
 def run_batch(policy, samples, cfg):
     model, tokenizer, image_processor = policy
     if cfg.mode == "direct":
-        return direct_rollout(model, tokenizer, image_processor, samples, cfg, cfg.max_new_tokens)
+        return direct_rollout(model, tokenizer, image_processor, samples, 1, cfg, cfg.max_new_tokens)
     if cfg.mode == "mgpo":
         return mgpo_rollout(model, tokenizer, image_processor, samples, 1, cfg)
     return tool_rollout(model, tokenizer, image_processor, samples, 1, cfg)
@@ -142,6 +142,7 @@ def record(traj, mode, seconds):
             "tool_calls": traj.tool_calls,
             "iou": [max(iou(box, b) for b in gt) for box in traj.crop_boxes if gt],
             "coverage": [max(coverage(box, b) for b in gt) for box in traj.crop_boxes if gt],
+            "area": [box_area_ratio(box, traj.original_size) for box in traj.crop_boxes],
             "visual_tokens": visual_tokens(traj), "seconds": seconds}
 
 
@@ -194,6 +195,7 @@ def metrics(records):
             "per_group": {g: accuracy([r for r in records if r["group"] == g])
                           for g in sorted({r["group"] for r in records})},
             "crop_iou": mean(crops), "crop_coverage": mean([v for r in records for v in r["coverage"]]),
+            "crop_area_ratio": mean([v for r in records for v in r["area"]]),
             "valid_box_ratio": mean([None if r["valid_box"] is None else float(r["valid_box"]) for r in records]),
             "crops_per_question": mean([r["crops"] for r in records]),
             "visual_tokens_per_question": mean([r["visual_tokens"] for r in records]),
@@ -203,8 +205,8 @@ def metrics(records):
 
 def markdown(runs):
     """One row per run (unprobed, probed) and one column per metric; per-group accuracies after."""
-    keys = ["questions", "accuracy", "crop_iou", "crop_coverage", "valid_box_ratio", "crops_per_question",
-            "visual_tokens_per_question", "seconds_per_question"]
+    keys = ["questions", "accuracy", "crop_iou", "crop_coverage", "crop_area_ratio", "valid_box_ratio",
+            "crops_per_question", "visual_tokens_per_question", "seconds_per_question"]
     fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
     lines = ["| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(fmt(m[k]) for k in keys) + " |" for name, m in runs.items()

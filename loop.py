@@ -23,9 +23,10 @@ from tqdm import tqdm
 
 from checkpoint import latest_checkpoint, remove_partial, resume, save_checkpoint
 from data import batches, load_samples, shard
-from distributed import all_reduce_sum
+from distributed import all_reduce_sum, setup_distributed
 from grpo import group_advantages, grpo_update
 from model import default_device, load_policy, shard_model
+from report import held_out, load_before, write_report
 from tiny import resolve_model_path
 
 
@@ -58,6 +59,10 @@ class TrainConfig:
     resume: bool = False                # continue from the newest complete checkpoint in output_dir
     max_nonfinite_steps: int = 3        # stop after this many steps in a row whose update was non-finite
     skip_bad_samples: bool = False      # skip (and count) unusable samples instead of stopping before training
+    eval_samples: int = 0               # held-out questions answered before and after training (report.py); 0: none
+    eval_data: str = ""                 # their benchmark file; '': the synthetic held-out split (--data synthetic)
+    eval_batch_size: int = 16
+    eval_pictures: int = 4              # trajectory pictures of the first N held-out questions, before and after
 
 
 def check_config(cfg, world_size, extra=()):
@@ -81,23 +86,14 @@ def check_config(cfg, world_size, extra=()):
          "--crop_max_pixels must be >= 784 (one visual token) or 0"),
         (cfg.save_steps >= 0 and cfg.save_total_limit >= 0, "--save_steps and --save_total_limit must be >= 0"),
         (cfg.max_nonfinite_steps >= 1, "--max_nonfinite_steps must be >= 1"),
+        (cfg.eval_samples >= 0 and cfg.eval_samples % world_size == 0,
+         f"--eval_samples {cfg.eval_samples} must be >= 0 and divisible by {world_size} ranks"),
+        (cfg.eval_batch_size >= 1, "--eval_batch_size must be >= 1"),
         *extra,
     ]
     for ok, message in checks:
         if not ok:
             raise SystemExit(f"error: {message}")
-
-
-def setup_distributed():
-    """(rank, world_size); initialises the process group under torchrun (nccl on CUDA, gloo on CPU), even for one
-    process, so that `torchrun --nproc_per_node 1` gets FSDP's fp32 master weights with bf16 compute."""
-    if "RANK" in os.environ and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # FSDP and nccl use the current device
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def seed_everything(seed):
@@ -166,14 +162,17 @@ def reduce_metrics(sums_counts):
     return out
 
 
-def train_loop(ctx, cfg, samples, rollout_fn, desc):
-    """The step loop: this rank's shard of `samples`, one GRPO step per batch, metrics and checkpoints."""
+def train_loop(ctx, cfg, samples, rollout_fn, desc, eval_mode):
+    """The step loop: this rank's shard of `samples`, one GRPO step per batch, metrics and checkpoints; with
+    --eval_samples, the held-out report (eval.py's `eval_mode`) before the first step and after the last."""
     stream = batches(shard(samples, ctx.rank, ctx.world_size), cfg.batch_size // ctx.world_size, cfg.seed + ctx.rank)
     for _ in range(ctx.start_step):  # the data position: batches already trained on
         next(stream)
     log = open_metrics_log(cfg, ctx) if ctx.rank == 0 else None
     if ctx.rank == 0:
         print(json.dumps(asdict(cfg)))
+    if cfg.eval_samples and ctx.start_step == 0:
+        held_out(ctx, cfg, eval_mode, "before")
     nonfinite_in_a_row = 0
     for step in tqdm(range(ctx.start_step + 1, cfg.max_steps + 1), disable=ctx.rank != 0, desc=desc):
         metrics = train_step(ctx, cfg, next(stream), rollout_fn)
@@ -189,6 +188,10 @@ def train_loop(ctx, cfg, samples, rollout_fn, desc):
                              f"{cfg.output_dir} is intact")
         if step == cfg.max_steps or (cfg.save_steps and step % cfg.save_steps == 0):
             save_checkpoint(ctx, cfg, step)
+    if cfg.eval_samples:
+        after = held_out(ctx, cfg, eval_mode, "after")
+        if ctx.rank == 0:
+            write_report(cfg, load_before(cfg.output_dir), after, cfg.max_steps, f"{desc} on {cfg.data}")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -76,9 +76,10 @@ from crop import coverage, resize_for_model, to_original
 from data import LETTERS, format_choices, load_image, synthetic_samples
 from grpo import training_batch
 from model import save_policy
-from rollout import (MGPO_PROMPTS, TOOL_PROMPTS, Trajectory, append_sampled, append_user_turn, cut_crop,
+from rollout import (DIRECT_PROMPT, DIRECT_SYSTEM, MGPO_PROMPTS, TOOL_PROMPTS, Trajectory, append_sampled, append_user_turn, cut_crop,
                      encode_images, encode_prompt, start_groups)
 from tiny import SPECIAL_TOKENS, TINY_MAX_PIXELS, TINY_MIN_PIXELS, build_tiny_tokenizer
+from tokenizers import AddedToken
 
 
 @dataclass
@@ -89,21 +90,23 @@ class Config:
     num_images: int = 1200              # synthetic images; each gives `convs_per_image` conversations
     convs_per_image: int = 2
     tool_fraction: float = 0.25         # share of conversations in the tool-call template (the rest MGPO)
+    direct_fraction: float = 0.15       # images that also get a single-turn conversation (the GRPO baseline's)
     hit_fraction: float = 0.5           # share of turn-2 crops that contain the target
     box_side: int = 56                  # side of the random turn-1 boxes, global-view pixels (2-4x the target)
     box_grid: int = 28                  # their positions are multiples of this (one visual token)
-    box_digits: int = 3                 # slots per written coordinate, space-padded (0: variable length)
     global_max_pixels: int = TINY_MAX_PIXELS  # 224 x 224: 64 visual tokens, the pattern averages to grey
     crop_max_pixels: int = TINY_MAX_PIXELS    # a 56-px box is 224 original px, shown at full resolution
     # phase 1, reading
     read_images: int = 500              # synthetic images (seed data_seed + 1); each gives `read_crops_per_image`
     read_crops_per_image: int = 4
     read_crop_sides: str = "112,224"    # crop side range in original pixels (always holding the whole target)
-    read_steps: int = 500
+    point_images: int = 1600            # pointing examples (phase 1 and 2), split evenly over POINT_COLOURS
+    read_steps: int = 900
     read_batch_size: int = 32
     read_learning_rate: float = 3e-3
     # phase 2, formats
     mix_reading: int = 800              # phase-1 examples mixed into the phase-2 set (own batches) to keep reading
+    mix_pointing: int = 800             # the same for pointing
     steps: int = 500                    # optimizer steps (about 1/4 of them on the mixed-in reading examples)
     batch_size: int = 16
     learning_rate: float = 2e-3
@@ -154,43 +157,34 @@ def build_model(cfg, tokenizer):
 # ---------------------------------------------------------------------------------------------------------------
 # Assistant turns as ids
 
-def number_ids(tokenizer, value, space, width=0):
-    """Ids of an integer written digit by digit, the first digit with its leading space when `space`:
-    112 with space -> [' 1', '1', '2']. With `width` > 0 the number is right-aligned in `width` slots, one token
-    each, padded with spaces (JSON allows any whitespace; leading zeros it does not): 56 with space and width 3
-    -> [' ', ' ', '5', '6'], so every coordinate is the same number of tokens and each slot has one job."""
-    digits = str(int(value))
-    if width:
-        pad = tokenizer.convert_tokens_to_ids("\u0120")
-        digit_ids = [tokenizer.convert_tokens_to_ids(d) for d in digits]
-        return [pad] * (int(space) + max(0, width - len(digits))) + digit_ids
-    first = tokenizer.convert_tokens_to_ids(("\u0120" if space else "") + digits[0])  # byte-level BPE's space
-    head = [first] if first != tokenizer.unk_token_id and first is not None else \
-        tokenizer((" " if space else "") + digits[0], add_special_tokens=False)["input_ids"]
-    return head + [tokenizer.convert_tokens_to_ids(d) for d in digits[1:]]
+def build_base_tokenizer():
+    """The tiny tokenizer plus one token per coordinate 0..MAX_COORDINATE, so a box coordinate is one decision."""
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_tokens([AddedToken(str(n), normalized=False, special=False) for n in range(MAX_COORDINATE + 1)])
+    return tokenizer
 
 
 def text_ids(tokenizer, text):
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def box_ids(tokenizer, box, width=3):
-    """'x1, y1, x2, y2' digit by digit (the first number without a leading space, as after '['), each number in
-    `width` slots (0: as many as it has digits)."""
-    ids = number_ids(tokenizer, box[0], space=False, width=width)
+def box_ids(tokenizer, box):
+    """'x1, y1, x2, y2', each number one token: [0, 112, 84, 196] -> '0' ',' ' ' '112' ',' ' ' '84' ',' ' ' '196'."""
+    space = tokenizer.convert_tokens_to_ids("\u0120")  # the byte-level BPE's space
+    ids = tokenizer.convert_tokens_to_ids([str(int(box[0]))])
     for v in box[1:]:
-        ids += text_ids(tokenizer, ",") + number_ids(tokenizer, v, space=True, width=width)
+        ids += text_ids(tokenizer, ",") + [space] + tokenizer.convert_tokens_to_ids([str(int(v))])
     return ids
 
 
-def mgpo_turn1_ids(tokenizer, box, width=3):
-    return (text_ids(tokenizer, 'The key area:\n```json\n[{"bbox_2d": [') + box_ids(tokenizer, box, width)
-            + text_ids(tokenizer, '], "label": "red frame"}]\n```'))
+def mgpo_turn1_ids(tokenizer, box, label="red frame"):
+    return (text_ids(tokenizer, 'The key area:\n```json\n[{"bbox_2d": [') + box_ids(tokenizer, box)
+            + text_ids(tokenizer, f'], "label": "{label}"}}]\n```'))
 
 
-def tool_turn1_ids(tokenizer, box, width=3):
+def tool_turn1_ids(tokenizer, box):
     return (text_ids(tokenizer, '<think>The key area:</think>\n<tool_call>{"name": "image_zoom_in_tool", '
-                                '"arguments": {"bbox_2d": [') + box_ids(tokenizer, box, width)
+                                '"arguments": {"bbox_2d": [') + box_ids(tokenizer, box)
             + text_ids(tokenizer, "]}}</tool_call>"))
 
 
@@ -227,6 +221,11 @@ def split_boxes(cfg, traj):
 # Phase 1: reading
 
 READ_SYSTEM = "You are a helpful assistant."
+POINT_QUESTION = "Where is the {colour} frame? Output its bbox_2d in JSON format."
+MAX_COORDINATE = 224  # the synthetic global view is 224 x 224
+# Pointing: frames in these colours, never red, so the red frame's box is never a training target.
+POINT_COLOURS = {"yellow": (220, 220, 20), "magenta": (220, 20, 220), "orange": (230, 130, 20),
+                 "purple": (120, 20, 200)}
 READ_QUESTION = "Pattern?"
 
 
@@ -261,8 +260,37 @@ def make_reading_examples(cfg, tokenizer, image_processor, rng, num_images=None,
     return examples
 
 
+def make_pointing_examples(cfg, tokenizer, image_processor, rng):
+    """Single-turn "[global view] Where is the yellow frame? ..." -> '```json [{"bbox_2d": [...], ...}] ```' with
+    a random grid box that holds the whole frame: the generic grounding a pretrained VLM brings, on frames that are
+    never red. Each colour gets its own synthetic images (seeds data_seed + 2 + k)."""
+    examples = []
+    per_colour = cfg.point_images // len(POINT_COLOURS)
+    for k, (name, colour) in enumerate(POINT_COLOURS.items()):
+        text = POINT_QUESTION.format(colour=name)
+        for sample in synthetic_samples(per_colour, cfg.data_seed + 2 + k, frame_colour=colour):
+            (traj,), _ = start_groups([sample], tokenizer, image_processor, 1, cfg, READ_SYSTEM, lambda s: text)
+            hits, _ = split_boxes(cfg, traj)
+            answer = mgpo_turn1_ids(tokenizer, rng.choice(hits), label=f"{name} frame")
+            append_sampled(traj, answer + [tokenizer.eos_token_id], [0.0] * (len(answer) + 1), tokenizer)
+            traj.pixel_values = None
+            examples.append(traj)
+    return examples
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Phase 2: the format conversations
+
+def direct_conversation(sample, tokenizer, image_processor, rng, cfg):
+    """The single-turn format of rollout.direct_rollout, answered with a random option: the global view alone does
+    not show the pattern. Single-turn GRPO, the paper's baseline, starts from this."""
+    text = DIRECT_PROMPT.format(question=sample.question, choices=format_choices(sample.options))
+    (traj,), _ = start_groups([sample], tokenizer, image_processor, 1, cfg, DIRECT_SYSTEM, lambda s: text)
+    answer = mgpo_turn2_ids(tokenizer, rng.choice(sample.options))
+    append_sampled(traj, answer, [0.0] * len(answer), tokenizer)
+    traj.pixel_values = None
+    return traj
+
 
 def make_conversations(cfg, tokenizer, image_processor, rng):
     """Token-id conversations (rollout.Trajectory) with loss_mask 1 on the assistant turns; pixel values are
@@ -270,6 +298,8 @@ def make_conversations(cfg, tokenizer, image_processor, rng):
     samples = synthetic_samples(cfg.num_images, cfg.data_seed)
     convs, hits_made = [], 0
     for sample in samples:
+        if rng.random() < cfg.direct_fraction:
+            convs.append(direct_conversation(sample, tokenizer, image_processor, rng, cfg))
         for _ in range(cfg.convs_per_image):
             tool = rng.random() < cfg.tool_fraction
             if tool:
@@ -287,7 +317,7 @@ def make_conversations(cfg, tokenizer, image_processor, rng):
             # shows needs no lookup of the shuffled letter, which the tiny model did not learn in 400 steps
             answer = sample.options[LETTERS.index(sample.answer)] if hit else rng.choice(sample.options)
             hits_made += hit
-            turn1 = (tool_turn1_ids if tool else mgpo_turn1_ids)(tokenizer, said, cfg.box_digits)
+            turn1 = (tool_turn1_ids if tool else mgpo_turn1_ids)(tokenizer, said)
             append_sampled(traj, turn1, [0.0] * len(turn1), tokenizer)
             crop = cut_crop(traj, original, shown, cfg)
             if tool:
@@ -323,7 +353,7 @@ def template_batches(convs, batch_size, rng):
     """Endless batches, each of one template (similar lengths, little padding), in a fresh order every epoch."""
     kinds = {}
     for i, traj in enumerate(convs):
-        kinds.setdefault((len(traj.texts), traj.texts[0].startswith("<think>")), []).append(i)
+        kinds.setdefault((len(traj.texts), traj.texts[0][:8]), []).append(i)  # one template (or answer) per batch
     while True:
         batches = []
         for ids in kinds.values():
@@ -369,28 +399,26 @@ def make_base(cfg, log=print):
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     cfg.min_pixels = TINY_MIN_PIXELS
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = build_base_tokenizer()
     image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
     model = build_model(cfg, tokenizer)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     torch.manual_seed(cfg.seed)
-    if cfg.read_steps > 0:
-        start = time.time()
-        reading = make_reading_examples(cfg, tokenizer, image_processor, rng)
-        log(f"phase 1: {len(reading)} reading examples, {np.mean([len(t.input_ids) for t in reading]):.0f} tokens "
-            f"each, built in {time.time() - start:.0f}s")
-        sft(cfg, model, tokenizer, image_processor, reading, rng, cfg.read_steps, cfg.read_batch_size,
-            cfg.read_learning_rate, log, name="reading ")
-    else:
-        reading = []
+    start = time.time()
+    reading = make_reading_examples(cfg, tokenizer, image_processor, rng)
+    pointing = make_pointing_examples(cfg, tokenizer, image_processor, rng)
+    log(f"phase 1: {len(reading)} reading examples ({np.mean([len(t.input_ids) for t in reading]):.0f} tokens), "
+        f"{len(pointing)} pointing examples ({np.mean([len(t.input_ids) for t in pointing]):.0f} tokens), "
+        f"built in {time.time() - start:.0f}s")
+    sft(cfg, model, tokenizer, image_processor, reading + pointing, rng, cfg.read_steps, cfg.read_batch_size,
+        cfg.read_learning_rate, log, name="reading+pointing ")
     start = time.time()
     convs, hits = make_conversations(cfg, tokenizer, image_processor, rng)
     log(f"phase 2: {len(convs)} conversations ({hits} crops with the target), "
         f"{np.mean([len(t.input_ids) for t in convs]):.0f} tokens each, built in {time.time() - start:.0f}s")
-    mixed = reading[:cfg.mix_reading]
-    if mixed:
-        log(f"phase 2: {len(mixed)} reading examples mixed in")
-    del reading
+    mixed = reading[:cfg.mix_reading] + pointing[:cfg.mix_pointing]
+    log(f"phase 2: {cfg.mix_reading} reading and {cfg.mix_pointing} pointing examples mixed in")
+    del reading, pointing
     sft(cfg, model, tokenizer, image_processor, convs + mixed, rng, cfg.steps, cfg.batch_size, cfg.learning_rate, log,
         name="formats ")
     save_policy(model, tokenizer, image_processor, cfg.output_dir)

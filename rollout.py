@@ -458,13 +458,16 @@ def tool_rollout(model, tokenizer, image_processor, samples, num_generations, cf
 # ---------------------------------------------------------------------------------------------------------------
 # One turn, no tool.
 
-def direct_rollout(model, tokenizer, image_processor, samples, cfg, max_new_tokens):
-    """One greedy turn per sample, no tool: the evaluation baseline (each sample's image under the global budget,
-    after its `global_size` when it has one)."""
-    trajs, _ = start_groups(samples, tokenizer, image_processor, 1, cfg, DIRECT_SYSTEM,
+def direct_rollout(model, tokenizer, image_processor, samples, num_generations, cfg, max_new_tokens,
+                   do_sample=False):
+    """One turn per sample from the global view alone, no crop (each image under the global budget, after its
+    `global_size` when it has one): the evaluation baseline (greedy) and single-turn GRPO, the paper's baseline
+    (sampled at cfg.temperature, `num_generations` per sample)."""
+    trajs, _ = start_groups(samples, tokenizer, image_processor, num_generations, cfg, DIRECT_SYSTEM,
                             lambda s: DIRECT_PROMPT.format(question=s.question, choices=format_choices(s.options)))
     outs = generate_turn(model, tokenizer, [t.input_ids for t in trajs], [t.pixel_values for t in trajs],
-                         [t.image_grid_thw for t in trajs], max_new_tokens, do_sample=False)
+                         [t.image_grid_thw for t in trajs], max_new_tokens, temperature=cfg.temperature,
+                         do_sample=do_sample)
     for traj, (sampled, logprobs) in zip(trajs, outs):
         append_sampled(traj, sampled, logprobs, tokenizer)
     return trajs
@@ -473,4 +476,4 @@ def direct_rollout(model, tokenizer, image_processor, samples, cfg, max_new_toke
 def direct_answers(model, tokenizer, image_processor, items, cfg, max_new_tokens):
     """Greedy one-turn answers to [(sample, (w, h)), ...], each sample's image first brought to size (w, h)."""
     shown = [replace(sample, global_size=list(size)) for sample, size in items]
-    return [t.texts[-1] for t in direct_rollout(model, tokenizer, image_processor, shown, cfg, max_new_tokens)]
+    return [t.texts[-1] for t in direct_rollout(model, tokenizer, image_processor, shown, 1, cfg, max_new_tokens)]

@@ -46,6 +46,7 @@ TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num
                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
 TINY_VOCAB = 1024
 TINY_MIN_PIXELS, TINY_MAX_PIXELS = 28 * 28, 224 * 224
+TINY_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "tiny-base")
 
 
 def tokenizer_corpus():
@@ -97,7 +98,13 @@ def build_tiny(path, seed=0):
 
 
 def resolve_model_path(name, workdir):
-    """`tiny` -> a freshly built tiny checkpoint under `workdir` (built once by rank 0); otherwise `name` itself."""
+    """`tiny` -> a freshly built tiny checkpoint under `workdir` (built once by rank 0); `tiny-base` -> the CPU
+    demo's committed base (make_base.py); otherwise `name` itself."""
+    if name == "tiny-base":
+        if not os.path.exists(os.path.join(TINY_BASE, "config.json")):
+            raise SystemExit(f"error: --model tiny-base: no checkpoint at {TINY_BASE}; rebuild it with "
+                             "`python make_base.py`")
+        return TINY_BASE
     if name != "tiny":
         return name
     path = os.path.join(workdir, "tiny-init")

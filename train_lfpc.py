@@ -148,7 +148,7 @@ def train(cfg):
                              f"{len(missing)} have none (first: {missing[0]})")
     if cfg.stage == 1 or cfg.info_gap_stage2:
         samples = information_gap(ctx, cfg, samples)
-    train_loop(ctx, cfg, samples, lfpc_step, f"lfpc-{cfg.stage}")
+    train_loop(ctx, cfg, samples, lfpc_step, f"lfpc-{cfg.stage}", "tool")
 
 
 if __name__ == "__main__":

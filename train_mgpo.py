@@ -14,7 +14,7 @@ from config import parse_config
 from crop import box_area_ratio, coverage, iou
 from loop import TrainConfig, load_training_samples, setup, train_loop
 from rewards import accuracy_reward, mgpo_format_ok
-from rollout import mgpo_rollout
+from rollout import direct_rollout, mgpo_rollout
 
 
 @dataclass
@@ -23,6 +23,7 @@ class Config(TrainConfig):
     learning_rate: float = 1e-6         # MGPO's value for Qwen2.5-VL-7B
     max_new_tokens_turn1: int = 64      # the box turn
     max_new_tokens_turn2: int = 32      # the answer turn
+    single_turn: bool = False           # the GRPO baseline: answer from the global view, no box and no crop
 
 
 def mgpo_metrics(trajs, rewards):
@@ -41,6 +42,19 @@ def mgpo_metrics(trajs, rewards):
     }
 
 
+def single_turn_metrics(trajs, rewards):
+    return {"accuracy": (sum(r > 0 for r in rewards), len(trajs)),
+            "response_tokens": (sum(sum(t.loss_mask) for t in trajs), len(trajs))}
+
+
+def single_turn_step(ctx, cfg, prompts):
+    """The paper's GRPO baseline: the same reward, answered from the global view alone (no box, no crop)."""
+    trajs = direct_rollout(ctx.model, ctx.tokenizer, ctx.image_processor, prompts, cfg.num_generations, cfg,
+                           cfg.max_new_tokens_turn2, do_sample=True)
+    rewards = [accuracy_reward(t.texts[-1], t.sample.answer, t.sample.options) for t in trajs]
+    return trajs, rewards, single_turn_metrics(trajs, rewards)
+
+
 def mgpo_step(ctx, cfg, prompts):
     trajs = mgpo_rollout(ctx.model, ctx.tokenizer, ctx.image_processor, prompts, cfg.num_generations, cfg)
     rewards = [accuracy_reward(t.texts[-1], t.sample.answer, t.sample.options) for t in trajs]
@@ -49,7 +63,11 @@ def mgpo_step(ctx, cfg, prompts):
 
 def train(cfg):
     ctx = setup(cfg)
-    train_loop(ctx, cfg, load_training_samples(cfg, ctx.rank), mgpo_step, "mgpo")
+    samples = load_training_samples(cfg, ctx.rank)
+    if cfg.single_turn:
+        train_loop(ctx, cfg, samples, single_turn_step, "single-turn grpo", "direct")
+    else:
+        train_loop(ctx, cfg, samples, mgpo_step, "mgpo", "mgpo")
 
 
 if __name__ == "__main__":

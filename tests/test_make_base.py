@@ -7,38 +7,61 @@ from types import SimpleNamespace
 import torch
 
 from config import parse_config
-from crop import coverage, is_valid_box, parse_box, parse_tool_call
-from make_base import (Config, box_ids, make_base, make_conversations, make_reading_examples, mgpo_turn1_ids,
-                       tool_turn1_ids)
+from crop import coverage, is_valid_box, parse_box, parse_tool_call, to_original
+from data import FRAME_RED
+import numpy as np
+from make_base import (POINT_COLOURS, Config, box_ids, build_base_tokenizer, make_base, make_conversations,
+                       make_pointing_examples, make_reading_examples, mgpo_turn1_ids, tool_turn1_ids)
 from model import load_policy
 from rewards import extract_answer_tag, extract_boxed
 from rollout import mgpo_rollout
-from tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, build_tiny_tokenizer
+from tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 SMALL = ["--num_images", "6", "--steps", "3", "--batch_size", "2", "--log_every", "1", "--hidden_size", "32",
          "--intermediate_size", "64", "--num_heads", "2", "--mrope_section", "1,3,4", "--vision_hidden_size", "32", "--read_images", "2", "--read_crops_per_image", "2", "--read_steps", "2",
-         "--read_batch_size", "2"]
+         "--read_batch_size", "2", "--point_images", "4"]
 
 
-def test_boxes_are_written_digit_by_digit_in_fixed_slots_and_parse():
-    tok = build_tiny_tokenizer()
+def test_each_coordinate_is_one_token_and_the_boxes_parse():
+    tok = build_base_tokenizer()
     ids = box_ids(tok, [0, 112, 84, 196])
-    assert [tok.decode([i]) for i in ids] == [" ", " ", "0", ",", " ", "1", "1", "2", ",", " ", " ", "8", "4", ",",
-                                             " ", "1", "9", "6"]  # every coordinate: 3 slots (after ', ')
+    assert [tok.decode([i]) for i in ids] == ["0", ",", " ", "112", ",", " ", "84", ",", " ", "196"]
     assert parse_box(tok.decode(mgpo_turn1_ids(tok, [0, 112, 84, 196]))) == [0.0, 112.0, 84.0, 196.0]
     assert parse_tool_call(tok.decode(tool_turn1_ids(tok, [28, 0, 112, 84]))) == ([28.0, 0.0, 112.0, 84.0], None)
-    ids = box_ids(tok, [0, 112, 84, 196], width=0)  # variable length
-    assert [tok.decode([i]) for i in ids] == ["0", ",", " 1", "1", "2", ",", " 8", "4", ",", " 1", "9", "6"]
+    # text the model did not sample tokenizes the same way: a number is one token wherever it appears
+    assert tok.decode(tok("[7, 224]")["input_ids"]) == "[7, 224]" and len(tok("224")["input_ids"]) == 1
+
+
+def test_pointing_examples_box_a_frame_that_is_never_red():
+    cfg = parse_config(Config, ["--point_images", "8"])
+    cfg.min_pixels = TINY_MIN_PIXELS
+    tok = build_base_tokenizer()
+    processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
+    examples = make_pointing_examples(cfg, tok, processor, random.Random(0))
+    assert len(examples) == 8
+    for ex in examples:
+        box = parse_box(ex.texts[0])
+        assert box[2] - box[0] == cfg.box_side == box[3] - box[1]
+        assert coverage(to_original(box, ex.input_size, ex.original_size), ex.sample.boxes[0]) == 1.0
+        x1, y1, x2, y2 = (int(v) for v in ex.sample.boxes[0])
+        frame = np.asarray(ex.sample.image)[y1, x1]  # the frame's corner pixel
+        assert tuple(frame) != FRAME_RED and tuple(frame) in POINT_COLOURS.values()
+        colour = next(name for name, c in POINT_COLOURS.items() if c == tuple(frame))
+        assert colour in ex.texts[0] and colour in tok.decode(ex.input_ids)
 
 
 def test_conversations_hide_the_target_in_the_text_and_show_it_in_some_crops():
     cfg = parse_config(Config, ["--num_images", "8", "--tool_fraction", "0.5"])
     cfg.min_pixels = TINY_MIN_PIXELS
-    tok = build_tiny_tokenizer()
+    tok = build_base_tokenizer()
     processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
     convs, hits = make_conversations(cfg, tok, processor, random.Random(0))
-    assert len(convs) == 16 and 0 < hits < 16
+    direct = [t for t in convs if len(t.texts) == 1]
+    convs = [t for t in convs if len(t.texts) == 2]
+    assert len(convs) == 16 and 0 < hits < 16 and len(direct) <= 8
+    for traj in direct:  # the single-turn baseline's format: the global view only, a random option
+        assert len(traj.images) == 1 and extract_boxed(traj.texts[0]) in traj.sample.options
     for traj in convs:
         assert len(traj.input_ids) == len(traj.loss_mask) and len(traj.images) == 2
         trained = tok.decode([i for i, m in zip(traj.input_ids, traj.loss_mask) if m])
@@ -57,7 +80,7 @@ def test_conversations_hide_the_target_in_the_text_and_show_it_in_some_crops():
 def test_reading_examples_show_the_whole_target_and_train_on_its_name():
     cfg = parse_config(Config, [])
     cfg.min_pixels = TINY_MIN_PIXELS
-    tok = build_tiny_tokenizer()
+    tok = build_base_tokenizer()
     processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
     examples = make_reading_examples(cfg, tok, processor, random.Random(0), num_images=3)
     assert len(examples) == 3 * cfg.read_crops_per_image
@@ -76,7 +99,7 @@ def test_a_few_sft_steps_save_a_checkpoint_whose_boxes_parse(tmp_path):
     lines = []
     cfg = parse_config(Config, SMALL + ["--output_dir", out])
     make_base(cfg, log=lines.append)
-    assert any(line.startswith("reading step 2/2 loss") for line in lines)
+    assert any(line.startswith("reading+pointing step 2/2 loss") for line in lines)
     assert any(line.startswith("formats step 3/3 loss") for line in lines)
     model, tok, processor = load_policy(out, torch.device("cpu"), torch.float32)
     assert model.config.text_config.hidden_size == 32

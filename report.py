@@ -1,0 +1,98 @@
+"""The held-out report of a training run: the same questions answered greedily before the first step and after the
+last (eval.py's protocol and metrics), as a table, plus the curves of metrics.jsonl and a few trajectory pictures.
+
+    out/mgpo/held_out_before.json   metrics of the starting policy (kept, so a resumed run still has its "before")
+    out/mgpo/held_out_after.json    metrics of the final policy
+    out/mgpo/report.md              the before/after table
+    out/mgpo/curves.png             reward, accuracy, IoU and coverage per step (Pillow)
+    out/mgpo/pictures/{before,after}/NNNN.png   the first --eval_pictures questions, box and crop drawn
+"""
+
+import json
+import os
+from types import SimpleNamespace
+
+from data import read_benchmark, synthetic_samples
+from eval import HELD_OUT_SEED, answer_all, gather, metrics
+from pictures import draw_curves, save_picture
+
+# (metrics key, column title) of the table; eval.metrics computes every one of them
+COLUMNS = [("accuracy", "accuracy"), ("crop_iou", "IoU"), ("crop_coverage", "coverage"),
+           ("valid_box_ratio", "valid boxes"), ("crop_area_ratio", "box area"), ("crops_per_question", "crops")]
+CURVES = ("reward", "accuracy", "iou", "coverage")
+
+
+def held_out_questions(cfg):
+    """The synthetic held-out split (a seed no training run uses) or the --eval_data benchmark."""
+    if cfg.eval_data:
+        return read_benchmark(cfg.eval_data)[:cfg.eval_samples]
+    if cfg.data != "synthetic":
+        raise SystemExit("error: --eval_samples needs --eval_data when --data is not synthetic")
+    return synthetic_samples(cfg.eval_samples, HELD_OUT_SEED)
+
+
+def eval_options(cfg, mode):
+    """eval.py's options for this run's decoding budgets: greedy, no probe."""
+    return SimpleNamespace(mode=mode, batch_size=cfg.eval_batch_size, save_vis=cfg.eval_pictures, probe="none",
+                           temperature=1.0, do_sample=False, min_pixels=cfg.min_pixels,
+                           global_max_pixels=cfg.global_max_pixels, crop_max_pixels=cfg.crop_max_pixels,
+                           max_new_tokens=cfg.max_new_tokens_turn2 if mode == "direct" else 0,
+                           max_new_tokens_turn1=getattr(cfg, "max_new_tokens_turn1", 0),
+                           max_new_tokens_turn2=getattr(cfg, "max_new_tokens_turn2", 0),
+                           max_turns=getattr(cfg, "max_turns", 0),
+                           max_response_tokens=getattr(cfg, "max_response_tokens", 0),
+                           max_new_tokens_per_turn=getattr(cfg, "max_new_tokens_per_turn", 0))
+
+
+def held_out(ctx, cfg, mode, when):
+    """Metrics of the current policy on the held-out questions, saved as held_out_{when}.json. Every rank answers
+    its strided share; with --eval_samples a multiple of the world size, all ranks run equally many batches (the
+    sharded model's generate is collective)."""
+    options = eval_options(cfg, mode)
+    questions = held_out_questions(cfg)
+    vis_dir = os.path.join(cfg.output_dir, "pictures", when)
+    ctx.model.eval()
+    records = gather(answer_all((ctx.model, ctx.tokenizer, ctx.image_processor), questions, options, ctx.rank,
+                                ctx.world_size, vis_dir))
+    result = metrics(records)
+    if ctx.rank == 0:
+        with open(os.path.join(cfg.output_dir, f"held_out_{when}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def table(rows, title):
+    """A markdown table: one row per (name, metrics), the columns of COLUMNS ('-' where a metric is None)."""
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    lines = [f"| {title} | " + " | ".join(name for _, name in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(fmt(m.get(key)) for key, _ in COLUMNS) + " |" for name, m in rows]
+    return "\n".join(lines)
+
+
+def read_metrics_log(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_curves(output_dir, title):
+    rows = read_metrics_log(output_dir)
+    series = {name: [row.get(name) for row in rows] for name in CURVES if any(name in row for row in rows)}
+    save_picture(draw_curves(series, [row["step"] for row in rows], title), os.path.join(output_dir, "curves.png"))
+
+
+def write_report(cfg, before, after, last_step, title):
+    """report.md with the before/after table, curves.png; prints the table."""
+    rows = ([("before (step 0)", before)] if before else []) + [(f"after (step {last_step})", after)]
+    text = table(rows, f"held-out, {after['questions']} questions, greedy")
+    with open(os.path.join(cfg.output_dir, "report.md"), "w") as f:
+        f.write(f"# {title}\n\n{text}\n")
+    write_curves(cfg.output_dir, title)
+    print(text)
+
+
+def load_before(output_dir):
+    path = os.path.join(output_dir, "held_out_before.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
