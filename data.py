@@ -45,8 +45,8 @@ LETTERS = string.ascii_uppercase
 
 # The synthetic task. The frame must survive a 4x downscale (896 -> 224) while the pattern must not.
 CANVAS_SIZE = 896
-TARGET_SIDE = (56, 84)  # outer side of the red frame in pixels, inclusive range
-FRAME_THICKNESS = 6
+TARGET_SIDE = (96, 112)  # outer side of the red frame in pixels, inclusive range: about one visual token
+FRAME_THICKNESS = 16  # thick, so the frame dominates its visual token (the tiny model never found a 6-px ring)
 PATTERN_PERIOD = 4  # equal to the downscale factor, so every output pixel averages whole periods to grey
 FRAME_RED = (220, 20, 20)
 NOISE_STD = 8.0
@@ -477,7 +477,8 @@ def _synthetic_sample(rng: np.random.Generator, sample_id: str, frame_colour: tu
     side = int(rng.integers(TARGET_SIDE[0], TARGET_SIDE[1] + 1))
     x1, y1 = (int(v) for v in rng.integers(0, CANVAS_SIZE - side + 1, size=2))
     pattern = int(rng.integers(len(PATTERNS)))
-    canvas.paste(Image.fromarray(_target(side, PATTERNS[pattern], frame_colour)), (x1, y1))  # last, so no clutter covers it
+    target = _target(side, PATTERNS[pattern], frame_colour)
+    canvas.paste(Image.fromarray(target), (x1, y1))  # last, so no clutter covers it
 
     order = [int(k) for k in rng.permutation(len(PATTERNS))]  # shuffled so the answer letter carries no signal
     target_box = [float(x1), float(y1), float(x1 + side), float(y1 + side)]

@@ -1,27 +1,32 @@
-"""A tiny BASE model for the CPU demo of MGPO: it plays the part of a pretrained VLM that follows the formats and can
-read a clear crop, but has no trained sense of where to look.
+"""A tiny BASE model for the CPU demo of MGPO: it plays the part of a pretrained VLM that follows the formats, can
+read a clear crop and can point at a named object, but has no trained sense of where to look for this task.
 
-    python make_base.py --output_dir checkpoints/tiny-base          # about 8 minutes on one CPU thread
-    python train_mgpo.py --model checkpoints/tiny-base ...          # RL from it (see README / the issue)
+    python make_base.py                      # writes checkpoints/tiny-base (committed; about 15 minutes, 1 thread)
+    python train_mgpo.py                     # the demo: MGPO from that base (README, "Quick start")
 
 Supervised fine-tuning (plain PyTorch, CPU) of a freshly built tiny Qwen2.5-VL, in two phases, with the loss on
 assistant tokens only.
 
-Phase 1, reading. Short single-turn examples, "[crop] Pattern?" -> "vertical stripes", where the crop is a square
-of `read_crop_sides` original pixels around the red frame (the whole frame inside, at a random place). About 90
-tokens instead of about 460, so the vision tower gets many direct examples of the one skill the RL cannot teach:
-telling the four period-4 patterns apart once they are seen at full resolution. Without this phase the format SFT
-below learns the formats but not the reading (p(correct | crop with the target) stays at chance), and then no
-box earns more reward than another.
+Phase 1, reading and pointing (short single-turn examples):
+- reading: "[crop] Pattern?" -> "vertical stripes", the crop a square of `read_crop_sides` original pixels holding
+  the whole frame. The one skill RL cannot teach: telling the four period-4 patterns apart at full resolution.
+  Without it p(correct | crop with the target) stays at chance and no box earns more reward than another.
+- pointing: "[global view] Where is the yellow frame? Output its bbox_2d in JSON format." -> the MGPO turn-1 JSON
+  with a grid box that holds the frame, for frames in the five POINT_COLOURS (red among them). This is the grounding
+  a pretrained VLM brings: Qwen2.5-VL boxes a named object when asked. MGPO's claim is that RL with an answer reward
+  makes the model use it in turn 1 of the template, where nobody asks it to box anything; there the base's boxes are
+  random (below). Measured without red in this list: the base pointed at the other four colours (held-out hits
+  0.75-0.92) but 100 MGPO steps did not carry that over to the red frame (coverage of the target 0.08 -> ~0.1).
 
 Phase 2, formats. Conversations made with the repo's own rollout helpers (`start_groups`, `append_sampled`,
 `cut_crop`, `append_user_turn`), as token ids:
 
-    MGPO template   turn 1  "The key area:\\n```json\\n[{"bbox_2d": [x1, y1, x2, y2], "label": "red frame"}]\\n```"
+    MGPO template   turn 1  "The key area:\n```json\n[{"bbox_2d": [x1, y1, x2, y2], "label": "red frame"}]\n```"
                     turn 2  "\\boxed{<pattern>}<|im_end|>"    e.g. \\boxed{vertical stripes}
-    tool template   turn 1  "<think>The key area:</think>\\n<tool_call>{"name": "image_zoom_in_tool",
+    tool template   turn 1  "<think>The key area:</think>\n<tool_call>{"name": "image_zoom_in_tool",
                              "arguments": {"bbox_2d": [x1, y1, x2, y2]}}</tool_call>"
                     turn 2  "<answer><pattern></answer>"
+    single turn     "\\boxed{<random option>}"  (rollout.DIRECT_PROMPT, the GRPO baseline's format)
 
 The turn-1 box is ALWAYS random: a `box_side` x `box_side` square (global-view pixels) at a uniformly random
 position on a `box_grid` grid, independent of the image, so the base has learned the box format and a uniform
@@ -31,34 +36,24 @@ square that contains the target (trained answer: the right pattern, so reading c
 context), otherwise a grid square that does not touch the target (trained answer: a uniformly random option, so
 with no target in view the base guesses). Answers are the option's text, which the rewards accept as well as its
 letter. With its own random boxes the base is therefore little better than chance, yet a box on the frame is
-answered right: the reward separates good boxes from bad ones.
+answered right: the reward separates good boxes from bad ones. Phase 2 also mixes in `mix_reading` and
+`mix_pointing` phase-1 examples so that the format training does not wash those skills out.
 
 `box_side` 56 in the 224-px global view is 224 original pixels: the crop is shown at its own resolution under the
 224 x 224 crop budget, so the period-4 pattern is intact (an 84-px box is 336 original pixels, shown at 2/3 scale,
 and the tiny model reads such crops much worse).
 
-Coordinates are written digit by digit in 3 space-padded slots, one token each (", 56" -> ",", " ", " ", "5", "6";
-", 0" -> ",", " ", " ", " ", "0"; JSON allows the spaces, not leading zeros) rather than with the BPE's irregular
-merges (" 10" "0" for 100 but " 1" "5" "7" for 157): the sampled ids decode to the same text, every coordinate is
-the same number of decisions and each slot has one job. With variable-length digits (`--box_digits 0`) the
-sampled boxes came out malformed (0 of 32 valid: digits of one number ran into the next).
-
-Phase 2 also mixes `mix_reading` of the phase-1 examples into its set (their own batches, about a quarter of the
-steps and little of the time), so the format training does not wash the reading out.
+Each coordinate is one token: the base's tokenizer is the tiny one plus the numbers 0..224 as added tokens. Real
+Qwen writes digits one by one; at 0.6M parameters that did not work: with 3 digit slots per coordinate only half
+the sampled boxes were well formed, and even supervised on the right boxes (240 steps) the model did not learn to
+place them (coverage 0.05); with one token per coordinate and the colour ramp of data._cluttered_canvas it did.
 
 The model is built here rather than by `tiny.build_tiny` because the tiny default's M-RoPE cannot tell image
 columns apart: with head_dim 16, rope_theta 10000 and mrope_section [2, 3, 3], the width axis gets the three
 lowest frequencies (<= 0.003 rad per position), so 8 columns of visual tokens differ by < 0.03 rad. Here
 head_dim 32, mrope_section [1, 3, 12] and rope_theta 500 give rows 0.3-0.7 and columns 0.003-0.2 rad per visual
 token (the lowest width frequencies stay nearly position-free for text).
-Same tokenizer, chat template and image processor as the tiny model; the checkpoint is a few MB.
-
-Status (issue 5): with the defaults (build about 8 minutes, 480 s measured with a second build beside it on
-2 cores) the base's sampled turn-1 boxes are valid for 100 of 192 MGPO rollouts at temperature 1 (52%; crop.parse_box
-and crop.is_valid_box in the 224 x 224 view), and teacher-forced it reads crops that contain the target with
-p(correct) 0.83 (MGPO) / 0.94 (tool), argmax right 0.89 / 1.00, and about 0.25 where the target is not in view.
-Measured variants: fixed slots without the reading mix (400 steps): 40/64 boxes valid but p(correct) 0.54-0.57;
-mixing 1200 reading examples: 15/64 valid; batch 12 x 600 steps without the mix: 18/64. Next: the RL run.
+Same chat template and image processor as the tiny model; the checkpoint is about 2.4 MB.
 """
 
 import math
@@ -68,23 +63,23 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tokenizers import AddedToken
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from config import parse_config
 from crop import coverage, resize_for_model, to_original
-from data import LETTERS, format_choices, load_image, synthetic_samples
+from data import FRAME_RED, LETTERS, format_choices, load_image, synthetic_samples
 from grpo import training_batch
 from model import save_policy
-from rollout import (DIRECT_PROMPT, DIRECT_SYSTEM, MGPO_PROMPTS, TOOL_PROMPTS, Trajectory, append_sampled, append_user_turn, cut_crop,
-                     encode_images, encode_prompt, start_groups)
-from tiny import SPECIAL_TOKENS, TINY_MAX_PIXELS, TINY_MIN_PIXELS, build_tiny_tokenizer
-from tokenizers import AddedToken
+from rollout import (DIRECT_PROMPT, DIRECT_SYSTEM, MGPO_PROMPTS, TOOL_PROMPTS, Trajectory, append_sampled,
+                     append_user_turn, cut_crop, encode_images, encode_prompt, start_groups)
+from tiny import SPECIAL_TOKENS, TINY_BASE, TINY_MAX_PIXELS, TINY_MIN_PIXELS, build_tiny_tokenizer
 
 
 @dataclass
 class Config:
-    output_dir: str = "checkpoints/tiny-base"
+    output_dir: str = TINY_BASE          # checkpoints/tiny-base next to this file
     seed: int = 0                       # weights, examples, batches: same seed, same checkpoint
     data_seed: int = 4242               # synthetic images of the SFT set (train_mgpo uses 0, eval 1000003)
     num_images: int = 1200              # synthetic images; each gives `convs_per_image` conversations
@@ -93,15 +88,15 @@ class Config:
     direct_fraction: float = 0.15       # images that also get a single-turn conversation (the GRPO baseline's)
     hit_fraction: float = 0.5           # share of turn-2 crops that contain the target
     box_side: int = 56                  # side of the random turn-1 boxes, global-view pixels (2-4x the target)
-    box_grid: int = 28                  # their positions are multiples of this (one visual token)
+    box_grid: int = 14                  # their positions are multiples of this (half a visual token)
     global_max_pixels: int = TINY_MAX_PIXELS  # 224 x 224: 64 visual tokens, the pattern averages to grey
     crop_max_pixels: int = TINY_MAX_PIXELS    # a 56-px box is 224 original px, shown at full resolution
     # phase 1, reading
     read_images: int = 500              # synthetic images (seed data_seed + 1); each gives `read_crops_per_image`
     read_crops_per_image: int = 4
     read_crop_sides: str = "112,224"    # crop side range in original pixels (always holding the whole target)
-    point_images: int = 1600            # pointing examples (phase 1 and 2), split evenly over POINT_COLOURS
-    read_steps: int = 900
+    point_images: int = 2400            # pointing examples (phase 1 and 2), split evenly over POINT_COLOURS
+    read_steps: int = 1200
     read_batch_size: int = 32
     read_learning_rate: float = 3e-3
     # phase 2, formats
@@ -223,8 +218,9 @@ def split_boxes(cfg, traj):
 READ_SYSTEM = "You are a helpful assistant."
 POINT_QUESTION = "Where is the {colour} frame? Output its bbox_2d in JSON format."
 MAX_COORDINATE = 224  # the synthetic global view is 224 x 224
-# Pointing: frames in these colours, never red, so the red frame's box is never a training target.
-POINT_COLOURS = {"yellow": (220, 220, 20), "magenta": (220, 20, 220), "orange": (230, 130, 20),
+# Pointing: "Where is the <colour> frame?" for frames in these colours, the task's red among them (a pretrained VLM
+# can box a named object; what it lacks is the habit of doing so in the MGPO turn 1, where the base's boxes are random)
+POINT_COLOURS = {"red": FRAME_RED, "yellow": (220, 220, 20), "magenta": (220, 20, 220), "orange": (230, 130, 20),
                  "purple": (120, 20, 200)}
 READ_QUESTION = "Pattern?"
 

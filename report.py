@@ -19,7 +19,7 @@ from pictures import draw_curves, save_picture
 # (metrics key, column title) of the table; eval.metrics computes every one of them
 COLUMNS = [("accuracy", "accuracy"), ("crop_iou", "IoU"), ("crop_coverage", "coverage"),
            ("valid_box_ratio", "valid boxes"), ("crop_area_ratio", "box area"), ("crops_per_question", "crops")]
-CURVES = ("reward", "accuracy", "iou", "coverage")
+CURVES = ("reward", "accuracy", "iou", "coverage", "crop_iou", "crop_coverage")  # those a recipe logs
 
 
 def held_out_questions(cfg):

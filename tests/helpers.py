@@ -7,6 +7,10 @@ import torch
 from data import synthetic_samples
 from rollout import mgpo_rollout
 
+# train_mgpo.py's defaults run the CPU demo; most tests want the random tiny model at the old small sizes
+TINY_MGPO = ["--model", "tiny", "--batch_size", "4", "--num_generations", "4", "--micro_batch_size", "4",
+             "--learning_rate", "1e-6", "--max_steps", "10", "--eval_samples", "0"]
+
 ADVANTAGES = [1.0, -1.0, 0.5, -0.5, 2.0, 0.0, -1.0, -1.0]  # fixed, one per trajectory of `small_rollout`
 
 

@@ -11,6 +11,7 @@ import torch
 
 import train_mgpo
 from config import parse_config
+from tests.helpers import TINY_MGPO
 
 
 SAVE = torch.save
@@ -25,7 +26,7 @@ def slow_save(obj, path, *args, **kwargs):
 
 if __name__ == "__main__":
     torch.save = slow_save  # only inside this process
-    cfg = parse_config(train_mgpo.Config, ["--output_dir", sys.argv[1], "--max_steps", "3", "--save_steps", "1",
-                                           "--max_new_tokens_turn1", "8", "--max_new_tokens_turn2", "4",
-                                           "--num_synthetic", "16"])
+    cfg = parse_config(train_mgpo.Config, TINY_MGPO + ["--output_dir", sys.argv[1], "--max_steps", "3",
+                                                       "--save_steps", "1", "--max_new_tokens_turn1", "8",
+                                                       "--max_new_tokens_turn2", "4", "--num_synthetic", "16"])
     train_mgpo.train(cfg)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from data import (
     FRAME_THICKNESS,
+    TARGET_SIDE,
     LETTERS,
     PATTERNS,
     DataError,
@@ -184,7 +185,7 @@ def test_synthetic_record(synthetic):
         assert sorted(s.options) == sorted(PATTERNS)
         assert s.answer in LETTERS[:4]
         (tx1, ty1, tx2, ty2), (cx1, cy1, cx2, cy2) = s.boxes
-        assert 56 <= tx2 - tx1 == ty2 - ty1 <= 84
+        assert TARGET_SIDE[0] <= tx2 - tx1 == ty2 - ty1 <= TARGET_SIDE[1]
         assert 0 <= cx1 <= tx1 < tx2 <= cx2 <= 896 and 0 <= cy1 <= ty1 < ty2 <= cy2 <= 896
         assert cx2 - cx1 > tx2 - tx1
     # shuffled options: the answer letter and the option order vary over samples

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from grpo import grpo_update
-from tests.helpers import ADVANTAGES, small_rollout
+from tests.helpers import ADVANTAGES, TINY_MGPO, small_rollout
 from tests.fsdp_update import UPDATE, make_optimizer, trajectories
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +66,7 @@ def test_sharded_generate_when_ranks_stop_at_different_steps(tiny_path):
 
 def test_torchrun_train_mgpo_leaves_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "out"
-    torchrun("train_mgpo.py", "--model", "tiny", "--data", "synthetic", "--max_steps", "2", "--output_dir", str(out),
+    torchrun("train_mgpo.py", *TINY_MGPO, "--data", "synthetic", "--max_steps", "2", "--output_dir", str(out),
              "--max_new_tokens_turn1", "16", "--max_new_tokens_turn2", "8")
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out / "checkpoint-2"))
     initial = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out / "tiny-init"))

@@ -8,7 +8,6 @@ import torch
 
 from config import parse_config
 from crop import coverage, is_valid_box, parse_box, parse_tool_call, to_original
-from data import FRAME_RED
 import numpy as np
 from make_base import (POINT_COLOURS, Config, box_ids, build_base_tokenizer, make_base, make_conversations,
                        make_pointing_examples, make_reading_examples, mgpo_turn1_ids, tool_turn1_ids)
@@ -19,7 +18,8 @@ from tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 SMALL = ["--num_images", "6", "--steps", "3", "--batch_size", "2", "--log_every", "1", "--hidden_size", "32",
-         "--intermediate_size", "64", "--num_heads", "2", "--mrope_section", "1,3,4", "--vision_hidden_size", "32", "--read_images", "2", "--read_crops_per_image", "2", "--read_steps", "2",
+         "--intermediate_size", "64", "--num_heads", "2", "--mrope_section", "1,3,4", "--vision_hidden_size", "32",
+         "--read_images", "2", "--read_crops_per_image", "2", "--read_steps", "2",
          "--read_batch_size", "2", "--point_images", "4"]
 
 
@@ -33,20 +33,20 @@ def test_each_coordinate_is_one_token_and_the_boxes_parse():
     assert tok.decode(tok("[7, 224]")["input_ids"]) == "[7, 224]" and len(tok("224")["input_ids"]) == 1
 
 
-def test_pointing_examples_box_a_frame_that_is_never_red():
-    cfg = parse_config(Config, ["--point_images", "8"])
+def test_pointing_examples_box_the_named_frame():
+    cfg = parse_config(Config, ["--point_images", "10"])
     cfg.min_pixels = TINY_MIN_PIXELS
     tok = build_base_tokenizer()
     processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
     examples = make_pointing_examples(cfg, tok, processor, random.Random(0))
-    assert len(examples) == 8
+    assert len(examples) == 10
     for ex in examples:
         box = parse_box(ex.texts[0])
         assert box[2] - box[0] == cfg.box_side == box[3] - box[1]
         assert coverage(to_original(box, ex.input_size, ex.original_size), ex.sample.boxes[0]) == 1.0
         x1, y1, x2, y2 = (int(v) for v in ex.sample.boxes[0])
         frame = np.asarray(ex.sample.image)[y1, x1]  # the frame's corner pixel
-        assert tuple(frame) != FRAME_RED and tuple(frame) in POINT_COLOURS.values()
+        assert tuple(frame) in POINT_COLOURS.values()
         colour = next(name for name, c in POINT_COLOURS.items() if c == tuple(frame))
         assert colour in ex.texts[0] and colour in tok.decode(ex.input_ids)
 

@@ -21,9 +21,10 @@ import train_mgpo
 from checkpoint import complete_checkpoints, latest_checkpoint
 from config import parse_config
 from data import DataError, read_jsonl
+from tests.helpers import TINY_MGPO
 from tests.test_fsdp import ROOT, torchrun
 
-FAST = ["--max_new_tokens_turn1", "8", "--max_new_tokens_turn2", "4", "--num_synthetic", "16",
+FAST = TINY_MGPO + ["--max_new_tokens_turn1", "8", "--max_new_tokens_turn2", "4", "--num_synthetic", "16",
         "--learning_rate", "1e-3"]
 TIMING = {"seconds", "rollout_tokens_per_s", "update_tokens_per_s"}
 

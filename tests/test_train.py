@@ -6,14 +6,16 @@ import pytest
 
 from config import parse_config
 from loop import check_config
+from tests.helpers import TINY_MGPO
 from train_mgpo import Config, train
 
-FAST = ["--max_steps", "2", "--max_new_tokens_turn1", "12", "--max_new_tokens_turn2", "6", "--num_synthetic", "16"]
+FAST = TINY_MGPO + ["--max_steps", "2", "--max_new_tokens_turn1", "12", "--max_new_tokens_turn2", "6",
+                    "--num_synthetic", "16"]
 
 
 def test_every_field_is_a_flag_and_help_lists_them(capsys):
     cfg = parse_config(Config, ["--learning_rate", "3e-6", "--scale_by_std", "false", "--model", "/x"])
-    assert (cfg.learning_rate, cfg.scale_by_std, cfg.model, cfg.batch_size) == (3e-6, False, "/x", 4)
+    assert (cfg.learning_rate, cfg.scale_by_std, cfg.model, cfg.batch_size) == (3e-6, False, "/x", 8)
     with pytest.raises(SystemExit) as exit_info:
         parse_config(Config, ["--help"])
     assert exit_info.value.code == 0
