@@ -74,10 +74,22 @@ def read_metrics_log(output_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_curves(output_dir, title):
+def running_mean(values, window):
+    """Mean of the last `window` values at each point, skipping missing ones: [1, None, 3] with 2 -> [1, 1, 3]."""
+    out = []
+    for i in range(len(values)):
+        recent = [v for v in values[max(0, i - window + 1):i + 1] if v is not None]
+        out.append(sum(recent) / len(recent) if recent else None)
+    return out
+
+
+def write_curves(output_dir, title, window=10):
+    """curves.png: each metric as its running mean over `window` steps (one step's 64 rollouts are noisy)."""
     rows = read_metrics_log(output_dir)
-    series = {name: [row.get(name) for row in rows] for name in CURVES if any(name in row for row in rows)}
-    save_picture(draw_curves(series, [row["step"] for row in rows], title), os.path.join(output_dir, "curves.png"))
+    series = {name: running_mean([row.get(name) for row in rows], window) for name in CURVES
+              if any(name in row for row in rows)}
+    save_picture(draw_curves(series, [row["step"] for row in rows], f"{title} ({window}-step means)"),
+                 os.path.join(output_dir, "curves.png"))
 
 
 def write_report(cfg, before, after, last_step, title):
