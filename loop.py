@@ -89,6 +89,8 @@ def check_config(cfg, world_size, extra=()):
         (cfg.eval_samples >= 0 and cfg.eval_samples % world_size == 0,
          f"--eval_samples {cfg.eval_samples} must be >= 0 and divisible by {world_size} ranks"),
         (cfg.eval_batch_size >= 1, "--eval_batch_size must be >= 1"),
+        (cfg.eval_samples == 0 or cfg.eval_data or cfg.data == "synthetic",
+         "--eval_samples needs --eval_data (a benchmark file) when --data is not synthetic"),
         *extra,
     ]
     for ok, message in checks:

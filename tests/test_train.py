@@ -36,7 +36,9 @@ def test_bad_flags_stop_with_their_name(capsys):
                               (["--micro_batch_size", "3"], 1, "--micro_batch_size"),
                               (["--mini_batch_size", "5"], 1, "--mini_batch_size"),
                               (["--global_max_pixels", "100"], 1, "--global_max_pixels"),
-                              (["--loss_agg", "sum"], 1, "--loss_agg")]:
+                              (["--loss_agg", "sum"], 1, "--loss_agg"),
+                              (["--data", "train.jsonl", "--eval_samples", "8"], 1, "--eval_data"),
+                              (["--eval_samples", "3"], 2, "--eval_samples")]:
         with pytest.raises(SystemExit, match=flag):
             check_config(parse_config(Config, argv), world)
 
