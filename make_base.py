@@ -15,8 +15,8 @@ Phase 1, reading and pointing (short single-turn examples):
   with a grid box that holds the frame, for frames in the five POINT_COLOURS (red among them). This is the grounding
   a pretrained VLM brings: Qwen2.5-VL boxes a named object when asked. MGPO's claim is that RL with an answer reward
   makes the model use it in turn 1 of the template, where nobody asks it to box anything; there the base's boxes are
-  random (below). Measured without red in this list: the base pointed at the other four colours (held-out hits
-  0.75-0.92) but 100 MGPO steps did not carry that over to the red frame (coverage of the target 0.08 -> ~0.1).
+  random (below). Measured with a base built without red in this list (its pointing was not measured): 100 MGPO
+  steps did not move its greedy turn-1 box at all (held-out coverage of the target 0.084 -> 0.084).
 
 Phase 2, formats. Conversations made with the repo's own rollout helpers (`start_groups`, `append_sampled`,
 `cut_crop`, `append_user_turn`), as token ids:
