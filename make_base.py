@@ -224,7 +224,7 @@ def split_boxes(cfg, traj):
 
 READ_SYSTEM = "You are a helpful assistant."
 POINT_QUESTION = "Where is the {colour} frame? Output its bbox_2d in JSON format."
-MAX_COORDINATE = 224  # the synthetic global view is 224 x 224
+MAX_COORDINATE = math.isqrt(TINY_MAX_PIXELS)  # 224: the synthetic (square) global view fills the tiny pixel budget
 # Pointing: "Where is the <colour> frame?" for frames in these colours, the task's red among them (a pretrained VLM
 # can box a named object; what it lacks is the habit of doing so in the MGPO turn 1, where the base's boxes are random)
 POINT_COLOURS = {"red": FRAME_RED, "yellow": (220, 220, 20), "magenta": (220, 20, 220), "orange": (230, 130, 20),
