@@ -4,13 +4,15 @@ loads like any checkpoint, and the base's sampled turn-1 boxes parse."""
 import random
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from config import parse_config
 from crop import coverage, is_valid_box, parse_box, parse_tool_call, to_original
 import numpy as np
 from make_base import (POINT_COLOURS, Config, box_ids, build_base_tokenizer, make_base, make_conversations,
-                       make_pointing_examples, make_reading_examples, mgpo_turn1_ids, tool_turn1_ids)
+                       make_pointing_examples, make_reading_examples, mgpo_turn1_ids, template_batches,
+                       tool_turn1_ids)
 from model import load_policy
 from rewards import extract_answer_tag, extract_boxed
 from rollout import mgpo_rollout
@@ -44,11 +46,13 @@ def test_pointing_examples_box_the_named_frame():
         box = parse_box(ex.texts[0])
         assert box[2] - box[0] == cfg.box_side == box[3] - box[1]
         assert coverage(to_original(box, ex.input_size, ex.original_size), ex.sample.boxes[0]) == 1.0
-        x1, y1, x2, y2 = (int(v) for v in ex.sample.boxes[0])
-        frame = np.asarray(ex.sample.image)[y1, x1]  # the frame's corner pixel
-        assert tuple(frame) in POINT_COLOURS.values()
-        colour = next(name for name, c in POINT_COLOURS.items() if c == tuple(frame))
+        # the middle of the frame's 16-px ring, in the global view the model is shown (2 px inside its 4-px ring)
+        x1, y1 = (ex.sample.boxes[0][k] + 8 for k in (0, 1))
+        scale = ex.input_size[0] / ex.original_size[0]
+        frame = np.asarray(ex.images[0], dtype=int)[int(y1 * scale), int(x1 * scale)]
+        colour = next(name for name, c in POINT_COLOURS.items() if np.abs(frame - c).max() <= 30)
         assert colour in ex.texts[0] and colour in tok.decode(ex.input_ids)
+        assert ex.sample.image is None  # settled: the 896 x 896 canvas is not kept
 
 
 def test_conversations_hide_the_target_in_the_text_and_show_it_in_some_crops():
@@ -92,6 +96,14 @@ def test_reading_examples_show_the_whole_target_and_train_on_its_name():
         trained = tok.decode([i for i, m in zip(ex.input_ids, ex.loss_mask) if m], skip_special_tokens=True)
         assert trained == ex.sample.options["ABCD".index(ex.sample.answer)] == ex.texts[0]
         assert len(ex.input_ids) < 120  # short: several times more examples per second than the conversations
+
+
+def test_batches_of_one_template_each_and_a_clear_error_when_none_fills_a_batch():
+    convs = [SimpleNamespace(texts=[t]) for t in ["mgpo turn", "mgpo turn", "tool turn", "tool turn", "tool turn"]]
+    batch = next(template_batches(convs, 2, random.Random(0)))
+    assert len(batch) == 2 and batch[0].texts == batch[1].texts
+    with pytest.raises(ValueError, match="batch_size=4"):  # else the endless stream would spin without a batch
+        next(template_batches(convs, 4, random.Random(0)))
 
 
 def test_a_few_sft_steps_save_a_checkpoint_whose_boxes_parse(tmp_path):
