@@ -142,19 +142,20 @@ def bench_update(policy, trajs, rcfg, device, dtype, repeats):
 
 def logprob_peak_bytes(method, tokens, vocab, device):
     """Peak memory of log p(target) for `tokens` positions from hidden states [tokens, 512] and an lm_head
-    [vocab, 512]: 'naive' materialises the full fp32 log-softmax, 'ours' is grpo.gather_logprobs on the logits."""
+    [vocab, 512]: 'naive' materialises the logits and their full fp32 log-softmax, 'ours' is grpo.gather_logprobs
+    (the head applied chunk by chunk), as in the GRPO update; 'none' only makes the inputs."""
     torch.manual_seed(0)
-    hidden, weight = torch.randn(tokens, 512, device=device), torch.randn(vocab, 512, device=device) * 0.02
+    hidden, weight = torch.randn(tokens, 512, device=device), torch.randn(vocab, 512, device=device).mul_(0.02)
     targets = torch.randint(0, vocab, (tokens,), device=device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the model's compute dtype
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the model's compute dtype
-    logits = hidden.to(dtype) @ weight.to(dtype).T
     if method == "naive":
-        logits.float().log_softmax(-1).gather(1, targets[:, None])
-    else:
-        gather_logprobs(logits, targets, [])
+        (hidden @ weight.T).float().log_softmax(-1).gather(1, targets[:, None])
+    elif method == "ours":
+        gather_logprobs(hidden, weight, targets, [])
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() - base
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -178,12 +179,7 @@ def logprob_memory_ratio(cfg, device):
 
 
 def logprob_worker(method, tokens):
-    device = torch.device("cpu")
-    if method == "none":  # the process's own baseline: inputs only
-        torch.randn(int(tokens), 512), torch.randn(QWEN_VOCAB, 512)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    else:
-        print(logprob_peak_bytes(method, int(tokens), QWEN_VOCAB, device))
+    print(logprob_peak_bytes(method, int(tokens), QWEN_VOCAB, torch.device("cpu")))
 
 
 def measure(name, policy, cfg, device, dtype, global_tokens=None, num_generations=None):

@@ -18,6 +18,7 @@ gives the exact token-mean over the global mini-batch.
 import math
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from distributed import all_reduce_sum, world
 from rollout import collate, forbidden_token_ids
@@ -35,19 +36,27 @@ def group_advantages(rewards, group_size, scale_by_std=True, eps=1e-6):
     return centred.view(-1)
 
 
-def gather_logprobs(logits, targets, forbidden, temperature=1.0, chunk_elements=2**24):
-    """log p(target) per position, in fp32, a few rows at a time (about `chunk_elements` logits, 64 MiB of fp32)
-    so that the fp32 log-softmax never exists for the whole batch. Forbidden ids get -inf logits, as in
-    generation, so these are the sampling log-probs.
+def gather_logprobs(hidden, weight, targets, forbidden, temperature=1.0, chunk_elements=2**24):
+    """log p(target) per position from the last hidden states and the lm_head weight, in fp32, a few rows at a time
+    (about `chunk_elements` logits, 64 MiB of fp32). Each chunk's logits are recomputed in backward (activation
+    checkpointing), so neither the forward nor the backward ever holds the [N, V] logits of the whole batch.
+    Forbidden ids get -inf logits, as in generation, so these are the sampling log-probs.
 
-    logits [N, V], targets [N] -> [N]. With V = 151,936 a chunk is 110 rows."""
-    rows = max(1, chunk_elements // logits.shape[-1])
-    out = []
-    for start in range(0, logits.shape[0], rows):
-        part = logits[start:start + rows].float() / temperature
-        part[:, forbidden] = -math.inf
-        out.append(part.log_softmax(-1).gather(1, targets[start:start + rows, None]).squeeze(1))
-    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+    hidden [N, H], weight [V, H], targets [N] -> [N]. With V = 151,936 a chunk is 110 rows."""
+    rows = max(1, chunk_elements // weight.shape[0])
+    forbidden = torch.as_tensor(forbidden, dtype=torch.long, device=hidden.device)
+    # no randomness inside a chunk: skip saving and restoring the RNG state for each of them
+    out = [checkpoint(chunk_logprobs, hidden[start:start + rows], weight, targets[start:start + rows], forbidden,
+                      temperature, use_reentrant=False, preserve_rng_state=False)
+           for start in range(0, hidden.shape[0], rows)]
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def chunk_logprobs(hidden, weight, targets, forbidden, temperature):
+    """One chunk of gather_logprobs: lm_head, fp32 log-softmax over the allowed ids, the targets' entries."""
+    logits = torch.nn.functional.linear(hidden, weight).float() / temperature
+    logits[:, forbidden] = -math.inf
+    return logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
 
 
 def training_batch(trajs, tokenizer, image_token_id, device, dtype):
@@ -65,14 +74,20 @@ def training_batch(trajs, tokenizer, image_token_id, device, dtype):
 def sequence_logprobs(model, batch, loss_mask, forbidden, temperature=1.0):
     """Per-token log-probs [B, L] of the batch's own tokens under `model` (0 where loss_mask is 0).
 
-    Logits are only computed from the first position that predicts a sampled token onwards (`logits_to_keep`);
-    position t's logits score token t+1."""
-    width = batch["input_ids"].shape[1]
+    Only positions from the first one that predicts a sampled token onwards are scored; position t's hidden state
+    scores token t+1. The model's own forward runs (so that FSDP2 gathers the root's parameters and reduces their
+    gradients) but computes no logits: it returns the final-norm hidden states, and `gather_logprobs` applies the
+    lm_head chunk by chunk."""
     first = int(loss_mask.any(0).nonzero()[0])  # first column with a sampled token in any row
-    keep = width - first + 1
-    logits = model(**batch, use_cache=False, logits_to_keep=keep).logits[:, :-1]  # predicts columns first..L-1
+    # keep the logits of no position; `output_hidden_states=-1` records only the last (after the final norm)
+    no_logits = torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device)
+    hidden = model(**batch, use_cache=False, output_hidden_states=-1, logits_to_keep=no_logits).hidden_states[-1]
+    hidden = hidden[:, first - 1:-1]  # predicts columns first..L-1
     targets = batch["input_ids"][:, first:]
-    lp = gather_logprobs(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), forbidden, temperature)
+    # Under FSDP2 the root (which holds lm_head, tied to the embeddings) stays unsharded from its forward until its
+    # gradients are reduced after backward: this weight is the gathered one, and its gradient reaches FSDP.
+    lp = gather_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, targets.reshape(-1), forbidden,
+                         temperature)
     out = torch.zeros(loss_mask.shape, dtype=torch.float32, device=lp.device)
     out[:, first:] = lp.view(targets.shape)
     return torch.where(loss_mask > 0, out, 0.0)  # not `out * mask`: unsampled image tokens score -inf

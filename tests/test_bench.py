@@ -20,5 +20,6 @@ def test_measure_reports_consistent_ratios(tiny_path):
 def test_logprob_memory_of_ours_is_below_naive():
     ratio, naive, ours = bench.logprob_memory_ratio(parse_config(bench.Config, ["--logprob_tokens", "512"]),
                                                     torch.device("cpu"))
-    # naive holds logits and their fp32 log-softmax (2 x 512 x 151,936 x 4 bytes); ours the logits and one chunk
-    assert naive > 2 * 512 * bench.QWEN_VOCAB * 4 * 0.9 and ratio < 0.8
+    # naive holds logits and their fp32 log-softmax (2 x 512 x 151,936 x 4 bytes); ours those of one chunk of 110
+    # rows (a fifth of that), whatever the number of tokens: issue 7's target is 0.3
+    assert naive > 2 * 512 * bench.QWEN_VOCAB * 4 * 0.9 and ratio < 0.3

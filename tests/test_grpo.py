@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from grpo import accumulate, batch_logprobs, gather_logprobs, group_advantages, grpo_update, policy_loss
+from grpo import (accumulate, batch_logprobs, gather_logprobs, group_advantages, grpo_update, policy_loss,
+                  sequence_logprobs, training_batch)
 from rollout import forbidden_token_ids
 from tests.helpers import ADVANTAGES, small_rollout
 
@@ -43,17 +44,46 @@ def test_policy_loss_by_hand():
 
 def test_gather_logprobs_matches_a_masked_softmax():
     torch.manual_seed(0)
-    logits = torch.randn(7, 11)
+    hidden, weight = torch.randn(7, 5), torch.randn(11, 5)
+    logits = hidden @ weight.T
     targets = torch.tensor([0, 1, 2, 3, 4, 5, 10])
     forbidden = [6, 9]
     allowed = [i for i in range(11) if i not in forbidden]
     probs = torch.softmax(logits[:, allowed].double(), -1)
     expected = torch.log(probs[torch.arange(7), torch.tensor([allowed.index(t) for t in targets.tolist()])])
-    got = gather_logprobs(logits, targets, forbidden, chunk_elements=33)  # 3 rows of 11
+    got = gather_logprobs(hidden, weight, targets, forbidden, chunk_elements=33)  # 3 rows of 11
     assert torch.allclose(got.double(), expected, atol=1e-6)
-    halved = gather_logprobs(logits, targets, forbidden, temperature=0.5)
+    halved = gather_logprobs(hidden, weight, targets, forbidden, temperature=0.5)
     assert torch.allclose(halved, torch.log_softmax(logits[:, allowed] / 0.5, -1)[
         torch.arange(7), torch.tensor([allowed.index(t) for t in targets.tolist()])], atol=1e-6)
+
+
+def test_chunked_head_gives_the_full_logits_values_and_gradients(policy, rollout_batch):
+    """sequence_logprobs (lm_head chunk by chunk from the hidden states, recomputed in backward) against the
+    model's own full logits with one fp32 log-softmax: same log-probs and same parameter gradients."""
+    model, tokenizer, _ = policy
+    model = copy.deepcopy(model)
+    forbidden = forbidden_token_ids(tokenizer)
+    batch, mask = training_batch(rollout_batch[0], tokenizer, model.config.image_token_id, torch.device("cpu"),
+                                 torch.float32)
+    weights = torch.linspace(-1, 1, mask.numel()).view(mask.shape) * mask
+
+    def grads(logprobs):
+        model.zero_grad(set_to_none=True)
+        (logprobs * weights).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    logits = model(**batch, use_cache=False).logits[:, :-1].float()
+    logits[..., forbidden] = -math.inf
+    full = torch.zeros(mask.shape)
+    full[:, 1:] = logits.log_softmax(-1).gather(2, batch["input_ids"][:, 1:, None]).squeeze(2)
+    full = torch.where(mask > 0, full, 0.0)
+    expected = grads(full)
+    chunked = sequence_logprobs(model, batch, mask, forbidden)
+    got = grads(chunked)
+    assert (chunked - full).abs().max() < 1e-5
+    assert got.keys() == expected.keys() and "model.language_model.embed_tokens.weight" in got  # = lm_head (tied)
+    assert max((got[n] - expected[n]).abs().max().item() for n in got) < 1e-5
 
 
 @pytest.fixture(scope="module")
