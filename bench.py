@@ -7,6 +7,7 @@ forward/backward/step of the same model on the same tokens. Each figure is the m
 CPU by default, CUDA (bf16) when present. Prints a table and writes `bench.json`.
 """
 
+import copy
 import json
 import os
 import resource
@@ -26,7 +27,7 @@ from config import parse_config
 from data import synthetic_samples
 from grpo import gather_logprobs, grpo_update, training_batch
 from model import default_device, load_policy
-from rollout import MGPO_PROMPTS, collate, generate_for, mgpo_rollout, start_groups
+from rollout import MGPO_PROMPTS, collate, generate_for, mgpo_grounding_turn, mgpo_rollout, start_groups
 from tiny import TINY_TEXT, TINY_VISION, build_tiny
 
 LARGE_TEXT = dict(TINY_TEXT, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
@@ -111,10 +112,12 @@ def bench_rollout(policy, cfg, rcfg, device):
                             lambda s: MGPO_PROMPTS.turn1.format(question=s.question))  # the rollout's turn-1 inputs
     rollout_s = median_seconds(rollout, cfg.repeats, device)
     plain_s = median_seconds(lambda: plain_generate(model, tokenizer, first, tokens), cfg.repeats, device)
-    # turn 2's prefill re-encodes everything before its new user turn: time one forward over those contexts
-    contexts = [SimpleNamespace(**{**vars(t), "input_ids": t.input_ids[:len(t.input_ids) - t.loss_mask[::-1].index(0)]})
-                for t in trajs]
-    prefill_s = median_seconds(lambda: generate_for(model, tokenizer, contexts, 1, rcfg), cfg.repeats, device)
+    # turn 2's prefill as the rollout runs it: the crops' features and a forward over the new columns on turn 1's
+    # cache (which it extends: a fresh copy each run), and the one token it samples
+    after_turn1, turn1 = mgpo_grounding_turn(model, tokenizer, image_processor, samples, cfg.num_generations, rcfg)
+    caches = [replace(turn1, past_key_values=copy.deepcopy(turn1.past_key_values)) for _ in range(cfg.repeats)]
+    prefill_s = median_seconds(lambda: generate_for(model, tokenizer, after_turn1, 1, rcfg, after=caches.pop()),
+                               cfg.repeats, device)
     return rollout_s, plain_s, prefill_s, tokens, trajs
 
 

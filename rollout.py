@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 from PIL import Image
-from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
+from transformers import DynamicCache, GenerationConfig, LogitsProcessor, StoppingCriteria
 
 from crop import (TOOL_NAME, crop_original, is_valid_box, parse_box, parse_tool_call, resize_for_model,
                   to_original)
@@ -240,27 +240,71 @@ def forbidden_token_ids(tokenizer):
     return tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>"])
 
 
+@dataclass
+class TurnCache:
+    """What `generate` leaves after a turn, so that the next turn encodes only its new tokens.
+
+    `sequences` [B, W]: the left-padded prompts and the sampled columns. `attention_mask` [B, W]: 1 on each row's
+    prompt and the sampled tokens it kept, 0 on left pads and on what generate made after the row had stopped, so
+    row r's conversation so far is `sequences[r][attention_mask[r] == 1]`. `past_key_values`: the keys and values
+    of the first W - 1 columns (the last sampled token was never fed back). E.g. prompts [[5, 6], [7]], row 0
+    stops after 1 token, row 1 samples 2: sequences [[5, 6, 8, pad], [pad, 7, 3, 4]], attention_mask
+    [[1, 1, 1, 0], [0, 1, 1, 1]], a cache of 3 columns."""
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    past_key_values: DynamicCache
+
+
+def prompt_batch(model, tokenizer, trajs):
+    """The trajectories so far as generate's input: `collate`d, left-padded, on the model's device and dtype."""
+    return collate([t.input_ids for t in trajs], [t.pixel_values for t in trajs], [t.image_grid_thw for t in trajs],
+                   tokenizer.pad_token_id, model.config.image_token_id, left_pad=True,
+                   device=next(model.parameters()).device, dtype=model.dtype)
+
+
 @torch.no_grad()
-def generate_turn(model, tokenizer, seqs, pixel_values, grids, max_new_tokens, temperature=1.0, stop_pattern=None,
-                  do_sample=True):
-    """One assistant turn for a batch of conversations. Returns (sampled ids, their log-probs) per conversation,
-    each cut after the first `<|im_end|>` or after the token that completes a match of `stop_pattern`."""
-    device = next(model.parameters()).device
-    batch = collate(seqs, pixel_values, grids, tokenizer.pad_token_id, model.config.image_token_id, left_pad=True,
-                    device=device, dtype=model.dtype)
+def continue_batch(model, tokenizer, trajs, turn):
+    """Generate's input for the next turn of `trajs`, continuing from `turn`'s cache: each row's new ids (the
+    closing of the turn and the next user turn, appended to the trajectory after all of the turn's kept ids)
+    left-padded after the turn's columns, and the vision features of the new images only.
+
+    E.g. turn.sequences [[5, 6, 8, pad], [pad, 7, 3, 4]] with mask [[1, 1, 1, 0], [0, 1, 1, 1]] and new ids
+    [[a, b], [c]] -> input_ids [[5, 6, 8, pad, a, b], [pad, 7, 3, 4, pad, c]], attention_mask
+    [[1, 1, 1, 0, 1, 1], [0, 1, 1, 1, 0, 1]]. Generate feeds only the columns past the cache, and computes the
+    3-D positions of all columns with get_rope_index skipping the 0s: the training forward's positions."""
+    vision_start = model.config.vision_start_token_id
+    tails = [t.input_ids[n:] for t, n in zip(trajs, turn.attention_mask.sum(1).tolist())]
+    first_new = [len(t.pixel_values) - tail.count(vision_start) for t, tail in zip(trajs, tails)]
+    new = collate(tails, [t.pixel_values[k:] for t, k in zip(trajs, first_new)],
+                  [t.image_grid_thw[k:] for t, k in zip(trajs, first_new)], tokenizer.pad_token_id,
+                  model.config.image_token_id, left_pad=True, device=turn.sequences.device, dtype=model.dtype)
+    input_ids = torch.cat([turn.sequences, new["input_ids"]], 1)
+    attention_mask = torch.cat([turn.attention_mask, new["attention_mask"]], 1)
+    features = model.model.get_image_features(new["pixel_values"], new["image_grid_thw"], return_dict=True)
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "mm_token_type_ids": ((input_ids == model.config.image_token_id) & (attention_mask == 1)).long(),
+            "image_grid_thw": torch.cat([t.image_grid_thw for t in trajs]).to(input_ids.device),
+            "mm_encoder_outputs": {"image": features}, "past_key_values": turn.past_key_values}
+
+
+@torch.no_grad()
+def generate_turn(model, tokenizer, batch, max_new_tokens, temperature=1.0, stop_pattern=None, do_sample=True):
+    """One assistant turn for a batch of conversations; `batch` is generate's input (`prompt_batch` or
+    `continue_batch`). Returns ((sampled ids, their log-probs) per conversation, each cut after the first
+    `<|im_end|>` or after the token that completes a match of `stop_pattern`; the `TurnCache` after it)."""
     config = GenerationConfig(do_sample=do_sample, temperature=temperature if do_sample else None,
                               top_k=0 if do_sample else None, top_p=1.0 if do_sample else None,
                               repetition_penalty=1.0, max_new_tokens=max_new_tokens,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                              suppress_tokens=forbidden_token_ids(tokenizer))
+                              suppress_tokens=forbidden_token_ids(tokenizer), return_dict_in_generate=True)
     recorder = LogProbRecorder(temperature)
     prompt_len = batch["input_ids"].shape[1]
     stop = [StopAtPattern(tokenizer, prompt_len, stop_pattern)] if stop_pattern else []
     synced = world() > 1  # FSDP: every rank runs every decoding step
     out = model.generate(**batch, generation_config=config, logits_processor=[recorder], stopping_criteria=stop,
                          synced_gpus=synced)
-    logprobs = recorder.finish(out).cpu()
-    generated = out[:, prompt_len:].cpu()
+    logprobs = recorder.finish(out.sequences).cpu()
+    generated = out.sequences[:, prompt_len:].cpu()
     results = []
     for row in range(generated.shape[0]):
         ids = generated[row].tolist()
@@ -270,7 +314,19 @@ def generate_turn(model, tokenizer, seqs, pixel_values, grids, max_new_tokens, t
         if stop and row in stop[0].stop_at:
             length = min(length, stop[0].stop_at[row])
         results.append((ids[:length], logprobs[row, :length].tolist()))
-    return results
+    return results, turn_cache(batch, out, results)
+
+
+def turn_cache(batch, out, results):
+    """The `TurnCache` of a finished generate: the kept tokens unmasked, the cache cut to the sequences (a rank
+    that finished first under synced_gpus keeps running forwards that grow its cache but not its sequences)."""
+    prompt_len = batch["input_ids"].shape[1]
+    mask = torch.cat([batch["attention_mask"], torch.zeros_like(out.sequences[:, prompt_len:])], 1)
+    for row, (ids, _) in enumerate(results):
+        mask[row, prompt_len:prompt_len + len(ids)] = 1
+    extra = out.past_key_values.get_seq_length() - (out.sequences.shape[1] - 1)
+    out.past_key_values.crop(-extra)  # a negative count: the columns to drop from the end
+    return TurnCache(out.sequences, mask, out.past_key_values)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -314,10 +370,11 @@ def fork(traj):
                    pixel_values=list(traj.pixel_values), crop_boxes=list(traj.crop_boxes))
 
 
-def generate_for(model, tokenizer, trajs, max_new_tokens, cfg, stop_pattern=None):
-    """One assistant turn for each trajectory (see `generate_turn`)."""
-    return generate_turn(model, tokenizer, [t.input_ids for t in trajs], [t.pixel_values for t in trajs],
-                         [t.image_grid_thw for t in trajs], max_new_tokens, temperature=cfg.temperature,
+def generate_for(model, tokenizer, trajs, max_new_tokens, cfg, stop_pattern=None, after=None):
+    """One assistant turn for each trajectory (see `generate_turn`): the whole conversations encoded, or with
+    `after` (the `TurnCache` of these trajectories' previous turn) only what was appended since."""
+    batch = prompt_batch(model, tokenizer, trajs) if after is None else continue_batch(model, tokenizer, trajs, after)
+    return generate_turn(model, tokenizer, batch, max_new_tokens, temperature=cfg.temperature,
                          stop_pattern=stop_pattern, do_sample=getattr(cfg, "do_sample", True))
 
 
@@ -386,18 +443,26 @@ def apply_turn1_box(traj, original, tokenizer, image_processor, prompts, cfg):
 def mgpo_rollout(model, tokenizer, image_processor, samples, num_generations, cfg, prompts=MGPO_PROMPTS):
     """`num_generations` two-turn trajectories per sample, grouped: trajectories[i*n:(i+1)*n] share sample i.
 
-    `cfg` needs: global_max_pixels, crop_max_pixels, min_pixels, max_new_tokens_turn1, max_new_tokens_turn2,
-    temperature (and optionally do_sample, default True)."""
-    trajs, originals = start_groups(samples, tokenizer, image_processor, num_generations, cfg, prompts.system,
-                                    lambda s: prompts.turn1.format(question=s.question))
-    outs = generate_for(model, tokenizer, trajs, cfg.max_new_tokens_turn1, cfg, stop_pattern=JSON_BLOCK_END)
-    for traj, original, (sampled, logprobs) in zip(trajs, originals, outs):
-        append_sampled(traj, sampled, logprobs, tokenizer)
-        apply_turn1_box(traj, original, tokenizer, image_processor, prompts, cfg)
-    outs = generate_for(model, tokenizer, trajs, cfg.max_new_tokens_turn2, cfg)
+    Turn 2 continues from turn 1's KV cache: its prefill encodes the crop and the new user turn, not the global
+    image and turn 1 again. `cfg` needs: global_max_pixels, crop_max_pixels, min_pixels, max_new_tokens_turn1,
+    max_new_tokens_turn2, temperature (and optionally do_sample, default True)."""
+    trajs, turn1 = mgpo_grounding_turn(model, tokenizer, image_processor, samples, num_generations, cfg, prompts)
+    outs, _ = generate_for(model, tokenizer, trajs, cfg.max_new_tokens_turn2, cfg, after=turn1)
     for traj, (sampled, logprobs) in zip(trajs, outs):
         append_sampled(traj, sampled, logprobs, tokenizer)
     return trajs
+
+
+def mgpo_grounding_turn(model, tokenizer, image_processor, samples, num_generations, cfg, prompts=MGPO_PROMPTS):
+    """Turn 1 of `mgpo_rollout` (the box) and the turn-2 user message (the crop, or the global view again).
+    Returns (trajectories, turn 1's `TurnCache`)."""
+    trajs, originals = start_groups(samples, tokenizer, image_processor, num_generations, cfg, prompts.system,
+                                    lambda s: prompts.turn1.format(question=s.question))
+    outs, turn1 = generate_for(model, tokenizer, trajs, cfg.max_new_tokens_turn1, cfg, stop_pattern=JSON_BLOCK_END)
+    for traj, original, (sampled, logprobs) in zip(trajs, originals, outs):
+        append_sampled(traj, sampled, logprobs, tokenizer)
+        apply_turn1_box(traj, original, tokenizer, image_processor, prompts, cfg)
+    return trajs, turn1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -443,9 +508,12 @@ def tool_rollout(model, tokenizer, image_processor, samples, num_generations, cf
         if not active:  # this rank is done, others are not: join their generate on a stand-in, discard it
             generate_for(model, tokenizer, trajs[:1], 1, cfg)
             continue
+        # each round re-encodes the active episodes' whole conversations, unlike MGPO's turn 2 that continues
+        # from turn 1's cache: the active episodes change from round to round, so continuing would mean picking
+        # their rows out of the last round's cache
         room = {i: cfg.max_response_tokens - sum(trajs[i].loss_mask) for i in active}
-        outs = generate_for(model, tokenizer, [trajs[i] for i in active],
-                            min(cfg.max_new_tokens_per_turn, max(room.values())), cfg, stop_pattern=TOOL_TURN_END)
+        outs, _ = generate_for(model, tokenizer, [trajs[i] for i in active],
+                               min(cfg.max_new_tokens_per_turn, max(room.values())), cfg, stop_pattern=TOOL_TURN_END)
         going = []
         for i, (sampled, logprobs) in zip(active, outs):
             append_sampled(trajs[i], sampled[:room[i]], logprobs[:room[i]], tokenizer)
@@ -465,9 +533,8 @@ def direct_rollout(model, tokenizer, image_processor, samples, num_generations, 
     (sampled at cfg.temperature, `num_generations` per sample)."""
     trajs, _ = start_groups(samples, tokenizer, image_processor, num_generations, cfg, DIRECT_SYSTEM,
                             lambda s: DIRECT_PROMPT.format(question=s.question, choices=format_choices(s.options)))
-    outs = generate_turn(model, tokenizer, [t.input_ids for t in trajs], [t.pixel_values for t in trajs],
-                         [t.image_grid_thw for t in trajs], max_new_tokens, temperature=cfg.temperature,
-                         do_sample=do_sample)
+    outs, _ = generate_turn(model, tokenizer, prompt_batch(model, tokenizer, trajs), max_new_tokens,
+                            temperature=cfg.temperature, do_sample=do_sample)
     for traj, (sampled, logprobs) in zip(trajs, outs):
         append_sampled(traj, sampled, logprobs, tokenizer)
     return trajs

@@ -3,10 +3,13 @@
     torchrun --nproc_per_node 2 tests/fsdp_generate.py TINY_DIR
 
 Rank 0's rows all stop after 2 tokens, rank 1's run to the limit: without synced decoding rank 0 would leave
-generate early and rank 1 would wait forever in an all-gather. Prints each rank's sampled lengths.
+generate early and rank 1 would wait forever in an all-gather. Prints each rank's sampled lengths, whether the
+turn's KV cache covers exactly its sequences (rank 0's generate ran forwards past its stop), and the lengths of a
+second turn continued from that cache (the new image's features from the sharded vision tower).
 """
 
 import sys
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -31,10 +34,18 @@ def main(tiny_dir):
     model = shard_model(model, torch.float32)
     sample = synthetic_samples(1, seed=dist.get_rank())[0]
     traj, _ = rollout.start_trajectory(sample, tokenizer, image_processor, "system", "question", 112 * 112, 784)
-    outs = rollout.generate_turn(model, tokenizer, [traj.input_ids] * 2, [traj.pixel_values] * 2,
-                                 [traj.image_grid_thw] * 2, max_new_tokens=12,
-                                 stop_pattern=rollout.JSON_BLOCK_END)
+    trajs = [rollout.fork(traj) for _ in range(2)]
+    outs, turn = rollout.generate_turn(model, tokenizer, rollout.prompt_batch(model, tokenizer, trajs),
+                                       max_new_tokens=12, stop_pattern=rollout.JSON_BLOCK_END)
     print(f"rank {dist.get_rank()} lengths {[len(ids) for ids, _ in outs]}", flush=True)
+    fits = turn.past_key_values.get_seq_length() == turn.sequences.shape[1] - 1
+    print(f"rank {dist.get_rank()} cache fits sequences {fits}", flush=True)
+    for t, (sampled, logprobs) in zip(trajs, outs):
+        rollout.append_sampled(t, sampled, logprobs, tokenizer)
+        rollout.append_user_turn(t, tokenizer, image_processor, ["again:", t.images[0]])
+    outs, _ = rollout.generate_for(model, tokenizer, trajs, 4 + 4 * dist.get_rank(), SimpleNamespace(temperature=1.0),
+                                   after=turn)
+    print(f"rank {dist.get_rank()} second turn lengths {[len(ids) for ids, _ in outs]}", flush=True)
     dist.destroy_process_group()
 
 

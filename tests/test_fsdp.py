@@ -62,6 +62,9 @@ def test_sharded_generate_when_ranks_stop_at_different_steps(tiny_path):
     lengths = {rank: json.loads(ids) for rank, ids in re.findall(r"rank (\d) lengths (\[[^\]]*\])", done.stdout)}
     assert lengths["0"] == [2, 2]
     assert max(lengths["1"]) > 2  # rank 1 went on decoding after rank 0 had finished
+    assert done.stdout.count("cache fits sequences True") == 2  # rank 0's extra forwards are cut off its cache
+    second = dict(re.findall(r"rank (\d) second turn lengths (\[[^\]]*\])", done.stdout))
+    assert set(second) == {"0", "1"}  # both ranks continued from their caches (to 4 and 8 tokens: out of step)
 
 
 def test_torchrun_train_mgpo_leaves_a_loadable_checkpoint(tmp_path):

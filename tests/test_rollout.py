@@ -104,6 +104,44 @@ def test_conversation_is_the_chat_template_with_sampled_ids_inside(policy, traje
         assert not set(forbidden_token_ids(tokenizer)) & {ids[k] for k in range(len(ids)) if mask[k]}
 
 
+class StopRowsEarly(StopAtPattern):
+    """Row r stops after 3 + 2r sampled tokens: turn 1 leaves masked columns in the middle of the cache."""
+
+    def __call__(self, input_ids, scores, **kwargs):
+        for row in range(input_ids.shape[0]):
+            if input_ids.shape[1] - self.prompt_len >= 3 + 2 * row:
+                self.stop_at.setdefault(row, 3 + 2 * row)
+        return torch.tensor([row in self.stop_at for row in range(input_ids.shape[0])])
+
+
+def test_turn2_from_the_cache_equals_reencoding_the_conversation(policy, monkeypatch):
+    """Turn 2 continued from turn 1's KV cache samples the same greedy tokens with the same log-probs as a turn 2
+    that re-encodes everything, while its prefill runs the language model over only the new columns."""
+    model, tokenizer, image_processor = policy
+    wide = Sample("wide", Image.new("RGB", (640, 300), (90, 120, 200)), "What colour?", ["red", "blue"], "B", None)
+    boxes = iter(BOXES)
+    monkeypatch.setattr(rollout, "parse_box", lambda text: next(boxes))
+    monkeypatch.setattr(rollout, "StopAtPattern", StopRowsEarly)
+    torch.manual_seed(0)
+    trajs, turn1 = rollout.mgpo_grounding_turn(model, tokenizer, image_processor,
+                                               [synthetic_samples(1, seed=3)[0], wide], 4, CFG)
+    assert [t.box_valid for t in trajs] == [True, False, True, False, False, True, True, True]
+    widths = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+    greedy = SimpleNamespace(temperature=1.0, do_sample=False)
+    try:
+        cached, _ = rollout.generate_for(model, tokenizer, trajs, 12, greedy, after=turn1)
+    finally:
+        hook.remove()
+    reencoded, _ = rollout.generate_for(model, tokenizer, trajs, 12, greedy)
+    new_columns = max(len(t.input_ids) - n for t, n in zip(trajs, turn1.attention_mask.sum(1).tolist()))
+    assert widths[0] == new_columns + 1  # the new ids and turn 1's last sampled token, never fed back in turn 1
+    assert [ids for ids, _ in cached] == [ids for ids, _ in reencoded]
+    worst = max((torch.tensor(a) - torch.tensor(b)).abs().max().item() for (_, a), (_, b) in zip(cached, reencoded))
+    assert worst < 1e-5, worst
+
+
 def test_invalid_box_returns_the_global_view(trajectories):
     for t in trajectories:
         if t.box_valid:
