@@ -162,8 +162,16 @@ def close_assistant_turn(tokenizer, sampled):
 
 
 def encode_images(image_processor, images):
-    """(list of per-image pixel_values, image_grid_thw [n, 3]) for model-input images (already resized)."""
-    out = image_processor(images=images, return_tensors="pt")
+    """(list of per-image pixel_values, image_grid_thw [n, 3]) for model-input images, already resized by
+    `crop.resize_for_model` (sides multiples of 28). The processor must not resize them again: its own max_pixels
+    may be below the run's pixel budget, and boxes are read in the frame of the image we resized.
+    E.g. a 448 x 448 global view (budget 256 tokens) with a processor capped at 224 x 224 -> grid [1, 32, 32]."""
+    factor = image_processor.patch_size * image_processor.merge_size
+    for image in images:
+        if image.width % factor or image.height % factor:
+            raise ValueError(f"image of {image.width} x {image.height} px: sides must be multiples of {factor} "
+                             f"(resize it with crop.resize_for_model first)")
+    out = image_processor(images=images, do_resize=False, return_tensors="pt")
     sizes = out["image_grid_thw"].prod(-1).tolist()
     return list(torch.split(out["pixel_values"], sizes)), out["image_grid_thw"]
 

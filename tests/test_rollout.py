@@ -180,3 +180,15 @@ def test_close_assistant_turn(policy):
     eos = tokenizer.eos_token_id
     assert tokenizer.decode(close_assistant_turn(tokenizer, [5, eos])) == "\n"
     assert tokenizer.decode(close_assistant_turn(tokenizer, [5, 6])) == "<|im_end|>\n"
+
+
+def test_images_are_encoded_at_the_size_we_resized_them_to(policy):
+    """A pixel budget above the processor's own cap (tiny: 224 x 224) must not be resized again behind our back:
+    boxes are read in the frame of the image `resize_for_model` made."""
+    _, _, image_processor = policy
+    assert image_processor.size["longest_edge"] == 224 * 224  # its max_pixels
+    big = Image.new("RGB", (448, 336), (10, 200, 30))
+    pixels, grids = rollout.encode_images(image_processor, [big])
+    assert grids.tolist() == [[1, 336 // 14, 448 // 14]] and pixels[0].shape[0] == 24 * 32  # patches of 14 px
+    with pytest.raises(ValueError, match="multiples of 28"):
+        rollout.encode_images(image_processor, [Image.new("RGB", (100, 100))])
