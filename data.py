@@ -12,9 +12,9 @@ Three published high-resolution benchmarks are read from the files as they are d
 HR-Bench TSV, an MME-RealWorld JSON) into the same record; `read_benchmark` picks the reader from the path, and
 `meta["group"]` names the breakdown the benchmark's results are reported by.
 
-The synthetic task needs no files: a small red frame somewhere on a large cluttered canvas holds a fine pattern
-that averages to grey once the canvas is downscaled to what a model sees, so the question can only be answered by
-cropping the original.
+The synthetic task needs no files: a small red frame somewhere on a large cluttered canvas (with four frames of
+other colours) holds a fine pattern that averages to grey once the canvas is downscaled to what a model sees, so the
+question can only be answered by cropping the original.
 
     >>> train = load_samples("synthetic", n_synthetic=64, seed=0)
     >>> bench = load_samples("benchmarks/hr_bench_4k.tsv", n_synthetic=0, seed=0)
@@ -49,6 +49,11 @@ TARGET_SIDE = (96, 112)  # outer side of the red frame in pixels, inclusive rang
 FRAME_THICKNESS = 16  # thick, so the frame dominates its visual token (the tiny model never found a 6-px ring)
 PATTERN_PERIOD = 4  # equal to the downscale factor, so every output pixel averages whole periods to grey
 FRAME_RED = (220, 20, 20)
+# The target's frame and four distractor frames, each around a pattern of its own: the global view shows five
+# frames, only the question says which one matters. A model that boxes "some frame" hits the target 1 time in 5.
+FRAME_COLOURS = {"red": FRAME_RED, "yellow": (220, 220, 20), "magenta": (220, 20, 220), "orange": (230, 130, 20),
+                 "purple": (120, 20, 200)}
+FRAME_GAP = 16  # pixels between two frames, so a crop that holds one frame whole rarely holds another
 NOISE_STD = 8.0
 PATTERNS = ("horizontal stripes", "vertical stripes", "checkerboard", "diagonal stripes")
 SYNTHETIC_QUESTION = "What pattern is inside the red frame?"
@@ -459,38 +464,56 @@ def format_choices(options: list[str] | None) -> str:
 # The synthetic high-resolution task
 
 
-def synthetic_samples(n: int, seed: int, frame_colour: tuple[int, int, int] = FRAME_RED) -> list[Sample]:
+def synthetic_samples(n: int, seed: int) -> list[Sample]:
     """`n` samples of "which pattern is inside the red frame", deterministic by `seed`.
 
     Sample i depends only on (seed, i), so synthetic_samples(10, s)[:5] == synthetic_samples(5, s).
-    `frame_colour` draws the frame in another colour (make_base's pointing examples); the question still says red.
+    `meta["frames"]` lists the five frames, red first: {"colour", "box" (original pixels), "pattern"}.
 
     >>> s = synthetic_samples(1, seed=0)[0]
     >>> s.question, s.options, s.answer   # ('What pattern is inside the red frame?', [4 pattern names], 'C')
+    >>> [f["colour"] for f in s.meta["frames"]]   # ['red', 'yellow', 'magenta', 'orange', 'purple']
     """
-    return [_synthetic_sample(np.random.default_rng([seed, i]), f"synthetic-{seed}-{i}", frame_colour)
-            for i in range(n)]
+    return [_synthetic_sample(np.random.default_rng([seed, i]), f"synthetic-{seed}-{i}") for i in range(n)]
 
 
-def _synthetic_sample(rng: np.random.Generator, sample_id: str, frame_colour: tuple[int, int, int]) -> Sample:
+def _synthetic_sample(rng: np.random.Generator, sample_id: str) -> Sample:
     canvas = _cluttered_canvas(rng)
-    side = int(rng.integers(TARGET_SIDE[0], TARGET_SIDE[1] + 1))
-    x1, y1 = (int(v) for v in rng.integers(0, CANVAS_SIZE - side + 1, size=2))
-    pattern = int(rng.integers(len(PATTERNS)))
-    target = _target(side, PATTERNS[pattern], frame_colour)
-    canvas.paste(Image.fromarray(target), (x1, y1))  # last, so no clutter covers it
+    frames = []
+    for colour, boxes in zip(FRAME_COLOURS, _frame_boxes(rng, len(FRAME_COLOURS))):
+        pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
+        x1, y1, x2, y2 = (int(v) for v in boxes)
+        canvas.paste(Image.fromarray(_target(x2 - x1, pattern, FRAME_COLOURS[colour])), (x1, y1))  # over clutter
+        frames.append({"colour": colour, "box": boxes, "pattern": pattern})
 
     order = [int(k) for k in rng.permutation(len(PATTERNS))]  # shuffled so the answer letter carries no signal
-    target_box = [float(x1), float(y1), float(x1 + side), float(y1 + side)]
+    target_box, pattern = frames[0]["box"], frames[0]["pattern"]
     return Sample(
         id=sample_id,
         image=canvas,
         question=SYNTHETIC_QUESTION,
         options=[PATTERNS[k] for k in order],
-        answer=LETTERS[order.index(pattern)],
+        answer=LETTERS[order.index(PATTERNS.index(pattern))],
         boxes=[target_box, _context_box(target_box)],
-        meta={"benchmark": "synthetic", "group": "synthetic"},
+        meta={"benchmark": "synthetic", "group": "synthetic", "frames": frames},
     )
+
+
+def _frame_boxes(rng: np.random.Generator, count: int) -> list[list[float]]:
+    """`count` square boxes of TARGET_SIDE sides on the canvas, at least FRAME_GAP apart (rejection sampling)."""
+    boxes = []
+    while len(boxes) < count:
+        side = int(rng.integers(TARGET_SIDE[0], TARGET_SIDE[1] + 1))
+        x1, y1 = (int(v) for v in rng.integers(0, CANVAS_SIZE - side + 1, size=2))
+        box = [float(x1), float(y1), float(x1 + side), float(y1 + side)]
+        if all(_apart(box, other) for other in boxes):
+            boxes.append(box)
+    return boxes
+
+
+def _apart(a: list[float], b: list[float]) -> bool:
+    return (a[0] >= b[2] + FRAME_GAP or b[0] >= a[2] + FRAME_GAP or a[1] >= b[3] + FRAME_GAP
+            or b[1] >= a[3] + FRAME_GAP)
 
 
 def _cluttered_canvas(rng: np.random.Generator) -> Image.Image:

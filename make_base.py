@@ -1,7 +1,7 @@
 """A tiny BASE model for the CPU demo of MGPO: it plays the part of a pretrained VLM that follows the formats, can
-read a clear crop and can point at a named object, but has no trained sense of where to look for this task.
+read a clear crop and can box a named object, but has no trained sense of where to look for the question.
 
-    python make_base.py                      # writes checkpoints/tiny-base (committed; about 15 minutes, 1 thread)
+    python make_base.py                      # writes checkpoints/tiny-base (committed; about 18 minutes, 1 thread)
     python train_mgpo.py                     # the demo: MGPO from that base (README, "Quick start")
 
 Supervised fine-tuning (plain PyTorch, CPU) of a freshly built tiny Qwen2.5-VL, in two phases, with the loss on
@@ -9,39 +9,41 @@ assistant tokens only.
 
 Phase 1, reading and pointing (short single-turn examples):
 - reading: "[crop] Pattern?" -> "vertical stripes", the crop a square of `read_crop_sides` original pixels holding
-  the whole frame. The one skill RL cannot teach: telling the four period-4 patterns apart at full resolution.
-  Without it p(correct | crop with the target) stays at chance and no box earns more reward than another.
-- pointing: "[global view] Where is the yellow frame? Output its bbox_2d in JSON format." -> the MGPO turn-1 JSON
-  with a grid box that holds the frame, for frames in the five POINT_COLOURS (red among them). This is the grounding
-  a pretrained VLM brings: Qwen2.5-VL boxes a named object when asked. MGPO's claim is that RL with an answer reward
-  makes the model use it in turn 1 of the template, where nobody asks it to box anything; there the base's boxes are
-  random (below). Measured with a base built without red in this list (its pointing was not measured): 100 MGPO
-  steps did not move its greedy turn-1 box at all (held-out coverage of the target 0.084 -> 0.084).
+  one whole frame (any of the five colours). The one skill RL cannot teach: telling the four period-4 patterns apart
+  at full resolution. Without it p(correct | crop with the target) stays at chance and no box earns more reward.
+- pointing: "[global view] Where is the red frame? Output the coordinates ..." in MGPO's system prompt and turn-1
+  instruction -> 'The key area is the red frame:\n```json [{"bbox_2d": [...], "label": "red frame"}] ```' with a
+  grid box that holds the whole frame. This is the grounding a pretrained VLM brings: Qwen2.5-VL boxes a named
+  object when asked, in the chat format it is used in. (Asked in a short prompt of its own, the skill did not carry
+  over to MGPO's turn 1: 0.73-0.88 of the pointing answers held the frame, 0.00-0.11 of the turn-1 boxes that
+  named it.)
 
 Phase 2, formats. Conversations made with the repo's own rollout helpers (`start_groups`, `append_sampled`,
 `cut_crop`, `append_user_turn`), as token ids:
 
-    MGPO template   turn 1  "The key area:\n```json\n[{"bbox_2d": [x1, y1, x2, y2], "label": "red frame"}]\n```"
+    MGPO template   turn 1  'The key area is in the top half:\n```json\n[{"bbox_2d": [x1, y1, x2, y2],
+                             "label": "top half"}]\n```'   (or "... is the red frame: ...")
                     turn 2  "\\boxed{<pattern>}<|im_end|>"    e.g. \\boxed{vertical stripes}
-    tool template   turn 1  "<think>The key area:</think>\n<tool_call>{"name": "image_zoom_in_tool",
+    tool template   turn 1  "<think>The key area is in the top half.</think>\n<tool_call>{"name": "image_zoom_in_tool",
                              "arguments": {"bbox_2d": [x1, y1, x2, y2]}}</tool_call>"
                     turn 2  "<answer><pattern></answer>"
     single turn     "\\boxed{<random option>}"  (rollout.DIRECT_PROMPT, the GRPO baseline's format)
 
-The turn-1 box is ALWAYS random: a `box_side` x `box_side` square (global-view pixels) at a uniformly random
-position on a `box_grid` grid, independent of the image, so the base has learned the box format and a uniform
-distribution over places, never where the target is: finding the red frame is left to MGPO, whose reward is answer
-correctness only. The turn-2 crop is chosen independently of that text: with probability `hit_fraction` a grid
-square that contains the target (trained answer: the right pattern, so reading carries over to the two-turn
-context), otherwise a grid square that does not touch the target (trained answer: a uniformly random option, so
-with no target in view the base guesses). Answers are the option's text, which the rewards accept as well as its
-letter. With its own random boxes the base is therefore little better than chance, yet a box on the frame is
-answered right: the reward separates good boxes from bad ones. Phase 2 also mixes in `mix_reading` and
-`mix_pointing` phase-1 examples so that the format training does not wash those skills out.
+The place is drawn uniformly from PLACES, whatever the question asks: "red frame" (then the box holds the red
+frame, as in pointing) or one of the four halves of the image (then the box holds a distractor frame in that half, if it has one, else
+it is a random grid box inside it). So the
+base names the question's target one time in five and otherwise looks somewhere that has nothing to do with the
+question: it knows how to box the red frame but not that it should. Its greedy turn 1 names a half (see `said`).
+The crop is the box written in turn 1; turn 2 names the pattern of the frame the crop holds whole (the red one, a
+distractor, or none: then a random option), so with a crop of the red frame the base answers right, elsewhere it
+is right one time in four. Whether RL with an answer reward alone teaches it to name and box the red frame in turn
+1 is what the demo shows. Phase 2 also mixes in `mix_reading` and `mix_pointing` phase-1 examples so that the
+format training does not wash those skills out.
 
-`box_side` 56 in the 224-px global view is 224 original pixels: the crop is shown at its own resolution under the
-224 x 224 crop budget, so the period-4 pattern is intact (an 84-px box is 336 original pixels, shown at 2/3 scale,
-and the tiny model reads such crops much worse).
+The boxes are 42 or 56 pixels of the 224-px global view (168 or 224 original pixels): the crop is shown at its own
+resolution under the 224 x 224 crop budget, so the period-4 pattern is intact (an 84-px box is 336 original pixels,
+shown at 2/3 scale, and the tiny model reads such crops much worse). Two sizes let LFPC's grounding reward prefer
+the tighter one.
 
 Each coordinate is one token: the base's tokenizer is the tiny one plus the numbers 0..224 as added tokens. Real
 Qwen writes digits one by one; at 0.6M parameters that did not work: with 3 digit slots per coordinate only half
@@ -55,20 +57,20 @@ head_dim 32, mrope_section [1, 3, 12] and rope_theta 500 give rows 0.3-0.7 and c
 token (the lowest width frequencies stay nearly position-free for text).
 Same chat template and image processor as the tiny model; the checkpoint is about 2.4 MB.
 
-Status (issue 5; the committed checkpoint, built with these defaults in about 14 minutes on one thread). Held-out,
-greedy: pointing "Where is the <colour> frame?" holds the whole frame for red 0.17-0.34 of the questions (coverage
-0.32-0.47), the other colours 0.00-0.17: far below the 0.75-0.92 that 800 steps of pointing alone reached, so
-pointing needs more of phase 1 than it gets here. MGPO turn 1: boxes valid 0.72 greedy / 0.52 sampled (x2 is not
-always x1 + 56: the base sometimes writes x2 < x1), coverage of the frame 0.05 / 0.16. 100 MGPO steps from it (the
-README's table) raised coverage by writing larger boxes, not by finding the frame.
-Reading in the MGPO template, greedy, turn 1 forced to a square crop holding the frame (64 held-out questions):
-0.59 for a 56-px box (224 original px, shown 1:1), 0.34 for 84-224 px boxes (downscaled: the answer it gives with
-no target in view), 0.00 for 28 px (a size it never saw). A tight box on the frame is the only box that pays.
-Three other schedules, measured the same way (pointing hits for "red frame" / reading of the 56-px crop), all
-worse than the defaults (0.17-0.34 / 0.59): 1000 steps of pointing alone before phase 1 (pointing loss 0.09 after
-it) 0.25 / 0.34; phase 1 twice as long (2400 steps) 0.04 / 0.25; a 1.2M model (hidden 128, 4 layers, 4 heads,
-vision 96) with 1600 phase-1 steps 0.08 / 0.34. In each the greedy answer was the same for every crop: at this
-size the SFT's outcome swings with the schedule, and reading and pointing compete for the same few parameters.
+Measured on the committed checkpoint (built with these defaults, about 20 minutes on one thread), 64 held-out
+questions in the MGPO template: greedy, turn 1 names a half every time (right half 28, bottom half 36), 0.61 of
+the boxes valid, coverage of the target 0.02, accuracy 0.27. Sampled (temperature 1): "the red frame" 31 times
+(the SFT data had it one time in five; the pointing examples, asked in the same format, pull it up), and 0.69 of
+those boxes hold the whole frame; accuracy when it names the red frame 0.52, overall 0.36. Asked "Where is the red
+frame?" in MGPO's format, it boxes it whole 46 times in 48 (greedy).
+What did not work, measured the same way: (1) turn-1 boxes at random positions (the previous base): 100-200 MGPO
+steps never found the frame; (2) turn 1 naming one of the five frames at random and boxing it: the tiny model did
+not learn to tell the colours apart when asked (held-out pointing hits 0.04 after 1200 steps; asked only for the
+red frame, 0.63 after 300 steps); (3) pointing asked in a short prompt of its own: 0.73-0.88 hits there, but only
+0.00-0.11 of the MGPO turn-1 boxes that named the red frame held it; (4) quarters instead of halves ("bottom right
+quarter"): the base garbled the longer names; (5) halves with random boxes: turn 2 was mostly a guess and the
+base read even a crop of the red frame right only 0.33 of the time; (6) twice the pointing examples (phase-2
+mix 1600): the greedy base named the red frame 17 times in 64, no longer a base without a sense of where to look.
 """
 
 import math
@@ -84,7 +86,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from config import parse_config
 from crop import coverage, resize_for_model, to_original
-from data import FRAME_RED, LETTERS, format_choices, load_image, synthetic_samples
+from data import FRAME_COLOURS, format_choices, load_image, synthetic_samples
 from grpo import training_batch
 from model import save_policy
 from rollout import (DIRECT_PROMPT, DIRECT_SYSTEM, MGPO_PROMPTS, TOOL_PROMPTS, Trajectory, append_sampled,
@@ -101,8 +103,7 @@ class Config:
     convs_per_image: int = 2
     tool_fraction: float = 0.25         # share of conversations in the tool-call template (the rest MGPO)
     direct_fraction: float = 0.15       # images that also get a single-turn conversation (the GRPO baseline's)
-    hit_fraction: float = 0.5           # share of turn-2 crops that contain the target
-    box_side: int = 56                  # side of the random turn-1 boxes, global-view pixels (2-4x the target)
+    box_sides: str = "42,56"            # sides of the turn-1 boxes, global-view pixels (1.5-2x a frame)
     box_grid: int = 14                  # their positions are multiples of this (half a visual token)
     global_max_pixels: int = TINY_MAX_PIXELS  # 224 x 224: 64 visual tokens, the pattern averages to grey
     crop_max_pixels: int = TINY_MAX_PIXELS    # a 56-px box is 224 original px, shown at full resolution
@@ -117,9 +118,9 @@ class Config:
     # phase 2, formats
     mix_reading: int = 800              # phase-1 examples mixed into the phase-2 set (own batches) to keep reading
     mix_pointing: int = 800             # the same for pointing
-    steps: int = 500                    # optimizer steps (about 1/4 of them on the mixed-in reading examples)
+    steps: int = 800                    # optimizer steps (about 1/4 of them on the mixed-in reading examples)
     batch_size: int = 16
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
     warmup_steps: int = 30
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -187,14 +188,20 @@ def box_ids(tokenizer, box):
     return ids
 
 
-def mgpo_turn1_ids(tokenizer, box, label="red frame"):
-    return (text_ids(tokenizer, 'The key area:\n```json\n[{"bbox_2d": [') + box_ids(tokenizer, box)
-            + text_ids(tokenizer, f'], "label": "{label}"}}]\n```'))
+def said(place):
+    """How turn 1 names its place: "the red frame", "in the top half". The word after "is" (" the" one time in five,
+    " in" four times) keeps the base's greedy turn 1 off the red frame."""
+    return f"the {place}" if place == PLACES[0] else f"in the {place}"
 
 
-def tool_turn1_ids(tokenizer, box):
-    return (text_ids(tokenizer, '<think>The key area:</think>\n<tool_call>{"name": "image_zoom_in_tool", '
-                                '"arguments": {"bbox_2d": [') + box_ids(tokenizer, box)
+def mgpo_turn1_ids(tokenizer, box, place):
+    return (text_ids(tokenizer, f'The key area is {said(place)}:\n```json\n[{{"bbox_2d": [')
+            + box_ids(tokenizer, box) + text_ids(tokenizer, f'], "label": "{place}"}}]\n```'))
+
+
+def tool_turn1_ids(tokenizer, box, place):
+    return (text_ids(tokenizer, f'<think>The key area is {said(place)}.</think>\n<tool_call>{{"name": '
+                                '"image_zoom_in_tool", "arguments": {"bbox_2d": [') + box_ids(tokenizer, box)
             + text_ids(tokenizer, "]}}</tool_call>"))
 
 
@@ -210,21 +217,38 @@ def tool_turn2_ids(tokenizer, answer):
 # Boxes
 
 def grid_boxes(cfg, size):
-    """Every box_side square on the box_grid inside a (w, h) global view."""
+    """Every square of a side in box_sides, on the box_grid, inside a (w, h) global view."""
     w, h = size
-    xs = range(0, w - cfg.box_side + 1, cfg.box_grid)
-    ys = range(0, h - cfg.box_side + 1, cfg.box_grid)
-    return [[x, y, x + cfg.box_side, y + cfg.box_side] for y in ys for x in xs]
+    return [[x, y, x + side, y + side] for side in (int(v) for v in cfg.box_sides.split(","))
+            for y in range(0, h - side + 1, cfg.box_grid) for x in range(0, w - side + 1, cfg.box_grid)]
 
 
-def split_boxes(cfg, traj):
-    """(grid boxes whose crop holds the whole target, grid boxes that do not touch it)."""
-    target = traj.sample.boxes[0]
-    hits, misses = [], []
-    for box in grid_boxes(cfg, traj.input_size):
-        c = coverage(to_original(box, traj.input_size, traj.original_size), target)
-        (hits if c >= 1.0 else misses if c == 0.0 else []).append(box)
-    return hits, misses
+def holding_boxes(cfg, traj, frame_box):
+    """The grid boxes whose crop holds the whole `frame_box` (original pixels)."""
+    return [box for box in grid_boxes(cfg, traj.input_size)
+            if coverage(to_original(box, traj.input_size, traj.original_size), frame_box) >= 1.0]
+
+
+def half_boxes(cfg, traj, half):
+    """The grid boxes inside one half of the global view: "top", "bottom", "left" or "right"."""
+    w, h = traj.input_size
+    inside = {"top": lambda b: b[3] <= h // 2, "bottom": lambda b: b[1] >= h // 2,
+              "left": lambda b: b[2] <= w // 2, "right": lambda b: b[0] >= w // 2}[half]
+    return [b for b in grid_boxes(cfg, traj.input_size) if inside(b)]
+
+
+def on_distractors(traj, boxes):
+    """Those of `boxes` whose crop holds a whole frame other than the red one."""
+    frames = [f["box"] for f in traj.sample.meta["frames"][1:]]
+    return [b for b in boxes if any(coverage(to_original(b, traj.input_size, traj.original_size), f) >= 1.0
+                                    for f in frames)]
+
+
+def pattern_in(traj, box, rng):
+    """The pattern of the frame the box's crop holds whole, else a random option (the base guesses)."""
+    crop = to_original(box, traj.input_size, traj.original_size)
+    held = [f["pattern"] for f in traj.sample.meta["frames"] if coverage(crop, f["box"]) >= 1.0]
+    return held[0] if held else rng.choice(traj.sample.options)
 
 
 def settle(traj):
@@ -239,18 +263,19 @@ def settle(traj):
 # Phase 1: reading
 
 READ_SYSTEM = "You are a helpful assistant."
-POINT_QUESTION = "Where is the {colour} frame? Output its bbox_2d in JSON format."
+# Pointing is asked in MGPO's own chat format, as a pretrained VLM's grounding would be: the same system prompt and
+# turn-1 instruction, with a question that asks where the frame is instead of what is inside it
+POINT_QUESTION = "Where is the red frame?"
+# What turn 1 of the base names and boxes, uniformly, whatever the question: the red frame (the target, boxed as in
+# pointing) or a half of the image (a random box in it)
+PLACES = ("red frame", "top half", "bottom half", "left half", "right half")
 MAX_COORDINATE = math.isqrt(TINY_MAX_PIXELS)  # 224: the synthetic (square) global view fills the tiny pixel budget
-# Pointing: "Where is the <colour> frame?" for frames in these colours, the task's red among them (a pretrained VLM
-# can box a named object; what it lacks is the habit of doing so in the MGPO turn 1, where the base's boxes are random)
-POINT_COLOURS = {"red": FRAME_RED, "yellow": (220, 220, 20), "magenta": (220, 20, 220), "orange": (230, 130, 20),
-                 "purple": (120, 20, 200)}
 READ_QUESTION = "Pattern?"
 
 
-def reading_crop(sample, original, side, rng):
-    """A `side` x `side` square of the original holding the whole target at a random place, as (box, image)."""
-    x1, y1, x2, y2 = sample.boxes[0]
+def reading_crop(frame, original, side, rng):
+    """A `side` x `side` square of the original holding the whole frame at a random place, as (box, image)."""
+    x1, y1, x2, y2 = frame["box"]
     width, height = original.size
     side = max(side, math.ceil(max(x2 - x1, y2 - y1)))
     left = rng.randint(max(0, math.ceil(x2) - side), min(int(x1), width - side))
@@ -260,39 +285,38 @@ def reading_crop(sample, original, side, rng):
 
 
 def make_reading_examples(cfg, tokenizer, image_processor, rng, num_images=None, seed=None):
-    """Single-turn "[crop] Pattern?" -> "<pattern>" examples (loss on the answer), several crops per image."""
+    """Single-turn "[crop] Pattern?" -> "<pattern>" examples (loss on the answer), several crops per image, each
+    around a frame of any colour."""
     low, high = (int(v) for v in cfg.read_crop_sides.split(","))
     seed = cfg.data_seed + 1 if seed is None else seed
     examples = []
     for sample in synthetic_samples(cfg.read_images if num_images is None else num_images, seed):
         original = load_image(sample)
         for _ in range(cfg.read_crops_per_image):
-            box, region = reading_crop(sample, original, rng.randint(low, high), rng)
+            frame = rng.choice(sample.meta["frames"])
+            box, region = reading_crop(frame, original, rng.randint(low, high), rng)
             crop = resize_for_model(region, cfg.min_pixels, cfg.crop_max_pixels)
             _, grids = encode_images(image_processor, [crop])
             ids = encode_prompt(tokenizer, READ_SYSTEM, [crop, READ_QUESTION], grids)
             traj = Trajectory(sample=sample, input_ids=ids, loss_mask=[0] * len(ids), rollout_logprobs=[0.0] * len(ids),
                               images=[crop], pixel_values=None, image_grid_thw=grids, crop_boxes=[box])
-            answer = text_ids(tokenizer, sample.options[LETTERS.index(sample.answer)]) + [tokenizer.eos_token_id]
+            answer = text_ids(tokenizer, frame["pattern"]) + [tokenizer.eos_token_id]
             append_sampled(traj, answer, [0.0] * len(answer), tokenizer)
             examples.append(settle(traj))
     return examples
 
 
 def make_pointing_examples(cfg, tokenizer, image_processor, rng):
-    """Single-turn "[global view] Where is the yellow frame? ..." -> '```json [{"bbox_2d": [...], ...}] ```' with
-    a random grid box that holds the whole frame: the generic grounding a pretrained VLM brings, on frames that are
-    never red. Each colour gets its own synthetic images (seeds data_seed + 2 + k)."""
+    """Single-turn "[global view] Where is the red frame? ..." -> 'The key area is the red frame:
+    ```json [{"bbox_2d": [...], ...}] ```' with a random grid box that holds the whole red frame: the grounding a
+    pretrained VLM brings (it boxes a named object when asked)."""
     examples = []
-    per_colour = cfg.point_images // len(POINT_COLOURS)
-    for k, (name, colour) in enumerate(POINT_COLOURS.items()):
-        text = POINT_QUESTION.format(colour=name)
-        for sample in synthetic_samples(per_colour, cfg.data_seed + 2 + k, frame_colour=colour):
-            (traj,), _ = start_groups([sample], tokenizer, image_processor, 1, cfg, READ_SYSTEM, lambda s: text)
-            hits, _ = split_boxes(cfg, traj)
-            answer = mgpo_turn1_ids(tokenizer, rng.choice(hits), label=f"{name} frame")
-            append_sampled(traj, answer + [tokenizer.eos_token_id], [0.0] * (len(answer) + 1), tokenizer)
-            examples.append(settle(traj))
+    for sample in synthetic_samples(cfg.point_images, cfg.data_seed + 2):
+        (traj,), _ = start_groups([sample], tokenizer, image_processor, 1, cfg, MGPO_PROMPTS.system,
+                                  lambda s: MGPO_PROMPTS.turn1.format(question=POINT_QUESTION))
+        answer = mgpo_turn1_ids(tokenizer, rng.choice(holding_boxes(cfg, traj, sample.boxes[0])), PLACES[0])
+        append_sampled(traj, answer + [tokenizer.eos_token_id], [0.0] * (len(answer) + 1), tokenizer)
+        examples.append(settle(traj))
     return examples
 
 
@@ -311,7 +335,9 @@ def direct_conversation(sample, tokenizer, image_processor, rng, cfg):
 
 def make_conversations(cfg, tokenizer, image_processor, rng):
     """Token-id conversations (rollout.Trajectory) with loss_mask 1 on the assistant turns; pixel values are
-    dropped (recomputed per batch from traj.images) to keep memory small."""
+    dropped (recomputed per batch from traj.images) to keep memory small. Turn 1 names one of PLACES at random,
+    whatever the question asks, and boxes it; the crop of that box comes back; turn 2 names the pattern of the
+    frame in the crop, or guesses. Returns (conversations, how many named the red frame, the target)."""
     samples = synthetic_samples(cfg.num_images, cfg.data_seed)
     convs, hits_made = [], 0
     for sample in samples:
@@ -325,18 +351,16 @@ def make_conversations(cfg, tokenizer, image_processor, rng):
             else:
                 text, system = MGPO_PROMPTS.turn1.format(question=sample.question), MGPO_PROMPTS.system
             (traj,), (original,) = start_groups([sample], tokenizer, image_processor, 1, cfg, system, lambda s: text)
-            boxes = grid_boxes(cfg, traj.input_size)
-            said = boxes[rng.randrange(len(boxes))]  # the turn-1 text: random, whatever the image
-            hits, misses = split_boxes(cfg, traj)
-            hit = bool(hits) and (rng.random() < cfg.hit_fraction or not misses)
-            shown = rng.choice(hits if hit else misses)
-            # the answer is the option's text, which the rewards accept (rewards.extract_choice): naming what the crop
-            # shows needs no lookup of the shuffled letter, which the tiny model did not learn in 400 steps
-            answer = sample.options[LETTERS.index(sample.answer)] if hit else rng.choice(sample.options)
-            hits_made += hit
-            turn1 = (tool_turn1_ids if tool else mgpo_turn1_ids)(tokenizer, said)
+            place = rng.choice(PLACES)  # independent of the question: no sense of where to look
+            if place == PLACES[0]:
+                box = rng.choice(holding_boxes(cfg, traj, sample.boxes[0]))
+            else:  # on a distractor frame when that half has one, so that turn 2 is mostly reading, rarely a guess
+                boxes = half_boxes(cfg, traj, place.removesuffix(" half"))
+                box = rng.choice(on_distractors(traj, boxes) or boxes)
+            hits_made += place == PLACES[0]
+            turn1 = (tool_turn1_ids if tool else mgpo_turn1_ids)(tokenizer, box, place)
             append_sampled(traj, turn1, [0.0] * len(turn1), tokenizer)
-            crop = cut_crop(traj, original, shown, cfg)
+            crop = cut_crop(traj, original, box, cfg)
             if tool:
                 parts = [TOOL_PROMPTS.crop_before, crop, TOOL_PROMPTS.crop_after]
             else:
@@ -344,7 +368,9 @@ def make_conversations(cfg, tokenizer, image_processor, rng):
                                                      choices=format_choices(sample.options))
                 parts = [MGPO_PROMPTS.crop_intro, crop, question]
             append_user_turn(traj, tokenizer, image_processor, parts)
-            turn2 = (tool_turn2_ids if tool else mgpo_turn2_ids)(tokenizer, answer)
+            # the answer is the option's text, which the rewards accept (rewards.extract_choice): naming what the crop
+            # shows needs no lookup of the shuffled letter, which the tiny model did not learn in 400 steps
+            turn2 = (tool_turn2_ids if tool else mgpo_turn2_ids)(tokenizer, pattern_in(traj, box, rng))
             append_sampled(traj, turn2, [0.0] * len(turn2), tokenizer)
             convs.append(settle(traj))
     return convs, hits_made
@@ -432,7 +458,7 @@ def make_base(cfg, log=print):
         cfg.read_learning_rate, log, name="reading+pointing ")
     start = time.time()
     convs, hits = make_conversations(cfg, tokenizer, image_processor, rng)
-    log(f"phase 2: {len(convs)} conversations ({hits} crops with the target), "
+    log(f"phase 2: {len(convs)} conversations ({hits} boxing the red frame, the target), "
         f"{np.mean([len(t.input_ids) for t in convs]):.0f} tokens each, built in {time.time() - start:.0f}s")
     mixed = reading[:cfg.mix_reading] + pointing[:cfg.mix_pointing]
     log(f"phase 2: {cfg.mix_reading} reading and {cfg.mix_pointing} pointing examples mixed in")

@@ -29,7 +29,7 @@ class Config(TrainConfig):
     learning_rate: float = 1e-4         # the demo's; MGPO used 1e-6 for Qwen2.5-VL-7B
     micro_batch_size: int = 16
     eval_samples: int = 64
-    max_new_tokens_turn1: int = 40      # the box turn (the tiny base writes about 30 tokens)
+    max_new_tokens_turn1: int = 64      # the box turn (the tiny base writes 40-58 tokens)
     max_new_tokens_turn2: int = 16      # the answer turn
     single_turn: bool = False           # the GRPO baseline: answer from the global view, no box and no crop
 

@@ -9,6 +9,8 @@ import pytest
 from PIL import Image
 
 from data import (
+    FRAME_COLOURS,
+    FRAME_GAP,
     FRAME_THICKNESS,
     TARGET_SIDE,
     LETTERS,
@@ -203,8 +205,26 @@ def test_target_box_holds_the_red_frame_and_only_it(synthetic):
         inside[y1:y2, x1:x2] = True
         assert strongly_red[inside].sum() == side**2 - (side - 2 * t) ** 2  # exactly the frame ring
         assert strongly_red[~inside].sum() == 0
-        reddish = rgb[..., 0] > np.maximum(rgb[..., 1], rgb[..., 2])  # not even a pink distractor elsewhere
-        assert reddish[~inside].sum() == 0
+
+
+def test_five_frames_of_their_colours_apart_each_around_its_pattern(synthetic):
+    for s in synthetic:
+        frames = s.meta["frames"]
+        assert [f["colour"] for f in frames] == list(FRAME_COLOURS) and frames[0]["box"] == s.boxes[0]
+        assert s.options[LETTERS.index(s.answer)] == frames[0]["pattern"]
+        rgb = pixels(s)
+        for i, f in enumerate(frames):
+            x1, y1, x2, y2 = (int(v) for v in f["box"])
+            assert TARGET_SIDE[0] <= x2 - x1 == y2 - y1 <= TARGET_SIDE[1]
+            t = FRAME_THICKNESS
+            ring = rgb[y1:y2, x1:x2].copy()
+            ring[t:-t, t:-t] = FRAME_COLOURS[f["colour"]]
+            assert (ring == FRAME_COLOURS[f["colour"]]).all()  # pasted last: no clutter covers a frame
+            assert np.array_equal(rgb[y1 + t:y2 - t, x1 + t:x2 - t, 0], rgb[y1 + t:y2 - t, x1 + t:x2 - t, 2])
+            assert f["pattern"] in PATTERNS
+            for g in frames[i + 1:]:  # at least FRAME_GAP pixels apart on one axis
+                a, b = f["box"], g["box"]
+                assert max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3]) >= FRAME_GAP
 
 
 def test_frame_stays_visible_after_downscale(synthetic):

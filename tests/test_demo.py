@@ -11,7 +11,7 @@ from eval import Config as EvalConfig
 from eval import evaluate
 from train_mgpo import Config, train
 
-TURNS = ["--max_new_tokens_turn1", "40", "--max_new_tokens_turn2", "12"]
+TURNS = ["--max_new_tokens_turn1", "64", "--max_new_tokens_turn2", "12"]
 
 
 def test_demo_pipeline_reports_before_and_after(tmp_path):

@@ -2,6 +2,7 @@
 loads like any checkpoint, and the base's sampled turn-1 boxes parse."""
 
 import random
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 from config import parse_config
 from crop import coverage, is_valid_box, parse_box, parse_tool_call, to_original
 import numpy as np
-from make_base import (POINT_COLOURS, Config, box_ids, build_base_tokenizer, make_base, make_conversations,
+from data import FRAME_COLOURS
+from make_base import (PLACES, Config, box_ids, build_base_tokenizer, make_base, make_conversations,
                        make_pointing_examples, make_reading_examples, mgpo_turn1_ids, template_batches,
                        tool_turn1_ids)
 from model import load_policy
@@ -29,10 +31,24 @@ def test_each_coordinate_is_one_token_and_the_boxes_parse():
     tok = build_base_tokenizer()
     ids = box_ids(tok, [0, 112, 84, 196])
     assert [tok.decode([i]) for i in ids] == ["0", ",", " ", "112", ",", " ", "84", ",", " ", "196"]
-    assert parse_box(tok.decode(mgpo_turn1_ids(tok, [0, 112, 84, 196]))) == [0.0, 112.0, 84.0, 196.0]
-    assert parse_tool_call(tok.decode(tool_turn1_ids(tok, [28, 0, 112, 84]))) == ([28.0, 0.0, 112.0, 84.0], None)
+    assert parse_box(tok.decode(mgpo_turn1_ids(tok, [0, 112, 84, 196], "red"))) == [0.0, 112.0, 84.0, 196.0]
+    assert parse_tool_call(tok.decode(tool_turn1_ids(tok, [28, 0, 112, 84], "red"))) == ([28.0, 0.0, 112.0, 84.0],
+                                                                                          None)
     # text the model did not sample tokenizes the same way: a number is one token wherever it appears
     assert tok.decode(tok("[7, 224]")["input_ids"]) == "[7, 224]" and len(tok("224")["input_ids"]) == 1
+
+
+def named_place(text):
+    """What the turn-1 text names: "The key area is in the top half: ..." -> "top half"."""
+    return next(p for p in PLACES if f"the {p}" in text)
+
+
+def frame_colour_at(image, box, original_size):
+    """The colour name of the global view's pixel in the middle of the 16-px ring at the box's top-left corner."""
+    scale = image.width / original_size[0]
+    x, y = (int((box[k] + 8) * scale) for k in (0, 1))
+    pixel = np.asarray(image, dtype=int)[y, x]
+    return next(name for name, c in FRAME_COLOURS.items() if np.abs(pixel - c).max() <= 30)
 
 
 def test_pointing_examples_box_the_named_frame():
@@ -42,16 +58,15 @@ def test_pointing_examples_box_the_named_frame():
     processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
     examples = make_pointing_examples(cfg, tok, processor, random.Random(0))
     assert len(examples) == 10
+    sides = [int(v) for v in cfg.box_sides.split(",")]
     for ex in examples:
-        box = parse_box(ex.texts[0])
-        assert box[2] - box[0] == cfg.box_side == box[3] - box[1]
+        box, question = parse_box(ex.texts[0]), tok.decode(ex.input_ids)
+        assert box[2] - box[0] == box[3] - box[1] and box[2] - box[0] in sides
+        assert "Where is the red frame? Output the coordinates" in question and named_place(ex.texts[0]) == "red frame"
+        assert ex.texts[0].startswith("The key area is the red frame:")
         assert coverage(to_original(box, ex.input_size, ex.original_size), ex.sample.boxes[0]) == 1.0
-        # the middle of the frame's 16-px ring, in the global view the model is shown (2 px inside its 4-px ring)
-        x1, y1 = (ex.sample.boxes[0][k] + 8 for k in (0, 1))
-        scale = ex.input_size[0] / ex.original_size[0]
-        frame = np.asarray(ex.images[0], dtype=int)[int(y1 * scale), int(x1 * scale)]
-        colour = next(name for name, c in POINT_COLOURS.items() if np.abs(frame - c).max() <= 30)
-        assert colour in ex.texts[0] and colour in tok.decode(ex.input_ids)
+        # the pixels the model is shown at that place are red
+        assert frame_colour_at(ex.images[0], ex.sample.boxes[0], ex.original_size) == "red"
         assert ex.sample.image is None  # settled: the 896 x 896 canvas is not kept
 
 
@@ -63,7 +78,8 @@ def test_conversations_hide_the_target_in_the_text_and_show_it_in_some_crops():
     convs, hits = make_conversations(cfg, tok, processor, random.Random(0))
     direct = [t for t in convs if len(t.texts) == 1]
     convs = [t for t in convs if len(t.texts) == 2]
-    assert len(convs) == 16 and 0 < hits < 16 and len(direct) <= 8
+    assert len(convs) == 16 and 0 < hits < 8 and len(direct) <= 8
+    sides = [int(v) for v in cfg.box_sides.split(",")]
     for traj in direct:  # the single-turn baseline's format: the global view only, a random option
         assert len(traj.images) == 1 and extract_boxed(traj.texts[0]) in traj.sample.options
     for traj in convs:
@@ -71,12 +87,22 @@ def test_conversations_hide_the_target_in_the_text_and_show_it_in_some_crops():
         trained = tok.decode([i for i, m in zip(traj.input_ids, traj.loss_mask) if m])
         turn1, turn2 = traj.texts
         box = parse_box(turn1) if "```json" in turn1 else parse_tool_call(turn1)[0]
-        assert is_valid_box(box, traj.input_size) and box[2] - box[0] == cfg.box_side
-        assert (extract_boxed(turn2) or extract_answer_tag(turn2)) in traj.sample.options  # answers name the option
+        assert is_valid_box(box, traj.input_size) and box[2] - box[0] in sides
+        # turn 1 boxes the place it names; the crop is that box; turn 2 names the pattern of a frame held whole
+        place, crop = named_place(turn1), traj.crop_boxes[0]
+        assert crop == to_original(box, traj.input_size, traj.original_size)
+        if place == "red frame":
+            assert coverage(crop, traj.sample.boxes[0]) == 1.0
+        else:
+            assert {"top": box[3] <= 112, "bottom": box[1] >= 112, "left": box[2] <= 112,
+                    "right": box[0] >= 112}[place.split()[0]] and f"is in the {place}" in turn1
+        held = [f["pattern"] for f in traj.sample.meta["frames"] if coverage(crop, f["box"]) == 1.0]
+        answer = extract_boxed(turn2) or extract_answer_tag(turn2)
+        assert answer == held[0] if held else answer in traj.sample.options
         assert trained.startswith(turn1[:10]) and traj.input_ids.count(tok.convert_tokens_to_ids("<|image_pad|>")) \
             == sum(int(g.prod()) // 4 for g in traj.image_grid_thw)
-        # the crop that was shown is recorded; whether it holds the target says nothing about the written box
-        assert coverage(traj.crop_boxes[0], traj.sample.boxes[0]) in (0.0, 1.0)
+    named = Counter(named_place(t.texts[0]) for t in convs)  # whatever the question asks
+    assert named["red frame"] == hits and len(named) >= 3
     tool = [t for t in convs if t.texts[0].startswith("<think>")]
     assert 0 < len(tool) < len(convs)
 
@@ -90,11 +116,11 @@ def test_reading_examples_show_the_whole_target_and_train_on_its_name():
     assert len(examples) == 3 * cfg.read_crops_per_image
     low, high = (int(v) for v in cfg.read_crop_sides.split(","))
     for ex in examples:
-        (box,), target = ex.crop_boxes, ex.sample.boxes[0]
-        assert coverage(box, target) == 1.0 and low <= box[2] - box[0] == box[3] - box[1] <= high
+        (box,), trained = ex.crop_boxes, ex.texts[0]
+        frames = [f for f in ex.sample.meta["frames"] if coverage(box, f["box"]) == 1.0]
+        assert trained in [f["pattern"] for f in frames] and low <= box[2] - box[0] == box[3] - box[1] <= high
         assert abs(ex.images[0].width - (box[2] - box[0])) <= 14  # shown at its own resolution (multiple of 28)
-        trained = tok.decode([i for i, m in zip(ex.input_ids, ex.loss_mask) if m], skip_special_tokens=True)
-        assert trained == ex.sample.options["ABCD".index(ex.sample.answer)] == ex.texts[0]
+        assert tok.decode([i for i, m in zip(ex.input_ids, ex.loss_mask) if m], skip_special_tokens=True) == trained
         assert len(ex.input_ids) < 120  # short: several times more examples per second than the conversations
 
 
