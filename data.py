@@ -480,11 +480,11 @@ def synthetic_samples(n: int, seed: int) -> list[Sample]:
 def _synthetic_sample(rng: np.random.Generator, sample_id: str) -> Sample:
     canvas = _cluttered_canvas(rng)
     frames = []
-    for colour, boxes in zip(FRAME_COLOURS, _frame_boxes(rng, len(FRAME_COLOURS))):
+    for colour, box in zip(FRAME_COLOURS, _frame_boxes(rng, len(FRAME_COLOURS))):
         pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
-        x1, y1, x2, y2 = (int(v) for v in boxes)
+        x1, y1, x2, y2 = (int(v) for v in box)
         canvas.paste(Image.fromarray(_target(x2 - x1, pattern, FRAME_COLOURS[colour])), (x1, y1))  # over clutter
-        frames.append({"colour": colour, "box": boxes, "pattern": pattern})
+        frames.append({"colour": colour, "box": box, "pattern": pattern})
 
     order = [int(k) for k in rng.permutation(len(PATTERNS))]  # shuffled so the answer letter carries no signal
     target_box, pattern = frames[0]["box"], frames[0]["pattern"]

@@ -1,7 +1,7 @@
 """A tiny BASE model for the CPU demo of MGPO: it plays the part of a pretrained VLM that follows the formats, can
 read a clear crop and can box a named object, but has no trained sense of where to look for the question.
 
-    python make_base.py                      # writes checkpoints/tiny-base (committed; about 18 minutes, 1 thread)
+    python make_base.py                      # writes checkpoints/tiny-base (committed; about 20 minutes, 1 thread)
     python train_mgpo.py                     # the demo: MGPO from that base (README, "Quick start")
 
 Supervised fine-tuning (plain PyTorch, CPU) of a freshly built tiny Qwen2.5-VL, in two phases, with the loss on
@@ -30,10 +30,10 @@ Phase 2, formats. Conversations made with the repo's own rollout helpers (`start
     single turn     "\\boxed{<random option>}"  (rollout.DIRECT_PROMPT, the GRPO baseline's format)
 
 The place is drawn uniformly from PLACES, whatever the question asks: "red frame" (then the box holds the red
-frame, as in pointing) or one of the four halves of the image (then the box holds a distractor frame in that half, if it has one, else
-it is a random grid box inside it). So the
-base names the question's target one time in five and otherwise looks somewhere that has nothing to do with the
-question: it knows how to box the red frame but not that it should. Its greedy turn 1 names a half (see `said`).
+frame, as in pointing) or one of the four halves of the image (then the box holds a distractor frame in that half
+if it has one, else it is a random grid box inside it). So the SFT data names the question's target one time in
+five and otherwise looks somewhere that has nothing to do with the question: the base knows how to box the red
+frame but not that it should. Its greedy turn 1 names a half (see `said`).
 The crop is the box written in turn 1; turn 2 names the pattern of the frame the crop holds whole (the red one, a
 distractor, or none: then a random option), so with a crop of the red frame the base answers right, elsewhere it
 is right one time in four. Whether RL with an answer reward alone teaches it to name and box the red frame in turn
@@ -86,7 +86,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from config import parse_config
 from crop import coverage, resize_for_model, to_original
-from data import FRAME_COLOURS, format_choices, load_image, synthetic_samples
+from data import format_choices, load_image, synthetic_samples
 from grpo import training_batch
 from model import save_policy
 from rollout import (DIRECT_PROMPT, DIRECT_SYSTEM, MGPO_PROMPTS, TOOL_PROMPTS, Trajectory, append_sampled,
@@ -223,10 +223,14 @@ def grid_boxes(cfg, size):
             for y in range(0, h - side + 1, cfg.box_grid) for x in range(0, w - side + 1, cfg.box_grid)]
 
 
+def holds(traj, box, frame_box):
+    """Whether the crop of `box` (global-view pixels) holds the whole `frame_box` (original pixels)."""
+    return coverage(to_original(box, traj.input_size, traj.original_size), frame_box) >= 1.0
+
+
 def holding_boxes(cfg, traj, frame_box):
-    """The grid boxes whose crop holds the whole `frame_box` (original pixels)."""
-    return [box for box in grid_boxes(cfg, traj.input_size)
-            if coverage(to_original(box, traj.input_size, traj.original_size), frame_box) >= 1.0]
+    """The grid boxes whose crop holds the whole `frame_box`."""
+    return [box for box in grid_boxes(cfg, traj.input_size) if holds(traj, box, frame_box)]
 
 
 def half_boxes(cfg, traj, half):
@@ -239,15 +243,13 @@ def half_boxes(cfg, traj, half):
 
 def on_distractors(traj, boxes):
     """Those of `boxes` whose crop holds a whole frame other than the red one."""
-    frames = [f["box"] for f in traj.sample.meta["frames"][1:]]
-    return [b for b in boxes if any(coverage(to_original(b, traj.input_size, traj.original_size), f) >= 1.0
-                                    for f in frames)]
+    frames = traj.sample.meta["frames"][1:]
+    return [b for b in boxes if any(holds(traj, b, f["box"]) for f in frames)]
 
 
 def pattern_in(traj, box, rng):
     """The pattern of the frame the box's crop holds whole, else a random option (the base guesses)."""
-    crop = to_original(box, traj.input_size, traj.original_size)
-    held = [f["pattern"] for f in traj.sample.meta["frames"] if coverage(crop, f["box"]) >= 1.0]
+    held = [f["pattern"] for f in traj.sample.meta["frames"] if holds(traj, box, f["box"])]
     return held[0] if held else rng.choice(traj.sample.options)
 
 
@@ -267,7 +269,7 @@ READ_SYSTEM = "You are a helpful assistant."
 # turn-1 instruction, with a question that asks where the frame is instead of what is inside it
 POINT_QUESTION = "Where is the red frame?"
 # What turn 1 of the base names and boxes, uniformly, whatever the question: the red frame (the target, boxed as in
-# pointing) or a half of the image (a random box in it)
+# pointing) or a half of the image (a box in it; make_conversations says which)
 PLACES = ("red frame", "top half", "bottom half", "left half", "right half")
 MAX_COORDINATE = math.isqrt(TINY_MAX_PIXELS)  # 224: the synthetic (square) global view fills the tiny pixel budget
 READ_QUESTION = "Pattern?"
