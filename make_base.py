@@ -11,6 +11,8 @@ Phase 1, reading and pointing (short single-turn examples):
 - reading: "[crop] Pattern?" -> "vertical stripes", the crop a square of `read_crop_sides` original pixels holding
   one whole frame (any of the five colours). The one skill RL cannot teach: telling the four period-4 patterns apart
   at full resolution. Without it p(correct | crop with the target) stays at chance and no box earns more reward.
+  The held-out reading accuracy is printed after each phase. This base reads three of the four patterns: it calls
+  diagonal stripes a checkerboard (below), which caps MGPO's accuracy near 0.75 even with every box on the target.
 - pointing: "[global view] Where is the red frame? Output the coordinates ..." in MGPO's system prompt and turn-1
   instruction -> 'The key area is the red frame:\n```json [{"bbox_2d": [...], "label": "red frame"}] ```' with a
   grid box that holds the whole frame. This is the grounding a pretrained VLM brings: Qwen2.5-VL boxes a named
@@ -71,6 +73,26 @@ red frame, 0.63 after 300 steps); (3) pointing asked in a short prompt of its ow
 quarter"): the base garbled the longer names; (5) halves with random boxes: turn 2 was mostly a guess and the
 base read even a crop of the red frame right only 0.33 of the time; (6) twice the pointing examples (phase-2
 mix 1600): the greedy base named the red frame 17 times in 64, no longer a base without a sense of where to look.
+
+Reading, the open problem. Held-out crops in the reading format (160, greedy): 0.75, and every error is one cell,
+diagonal stripes read as "checkerboard" (39 of 39; the same on crops of exactly 168 or 224 px, which are not
+resized). `eval.py --probe gt` on the MGPO-trained demo checkpoint: 0.70 with the ground-truth crop, 0.72 without.
+Reading alone from a fresh model learns all four patterns at lr 1e-3 (training loss 0.006 after 600 steps, held-out
+0.99-1.00) and not at phase 1's 3e-3 (1200 steps: the same three-pattern plateau). But every base built with
+that fix lost what MGPO needs from it; measured on 64 held-out questions, sampled turn 1 (this base: names the red
+frame 31 times, 0.69 of those boxes hold it; pointing 46/48), and in 100-step MGPO runs (this base: coverage 0.34
+after 10 steps, 0.98 held-out after 100):
+(a) reading alone first (800 steps, 1e-3), then phase 1 at 3e-3: reading back to 0.80;
+(b) (a) with phase 1 at 2e-3: reading 1.00 after every phase, but MGPO coverage 0.04 at step 26;
+(c) (a) with tool_fraction 0.5 and half the pointing examples in the tool template: reading 1.00, pointing
+    28/48, sampled place names garbled ("bott half", "rightom half"), MGPO coverage 0.12 at step 40; at 1e-3
+    instead of 3e-3, pointing 1/48;
+(d) phase 1 as is, then reading alone (600 steps, 1e-3): reading 0.96, pointing 36/48, sampled turn 1 names the
+    red frame 11 times (1 of its 4 valid boxes holds it), MGPO coverage 0.16 at step 40;
+(e) phase 1 as is, then reading and pointing at 1e-3 (800 steps): reading 0.91 (stopped there).
+600 reading-alone steps at 1e-3 from this base fix its reading (0.99) and wash out the formats (no turn 1 parses).
+What is left to try: reading and pointing at 3e-3 with the reading crops at exactly 168 or 224 px (the sizes the
+formats show), a wider vision tower, or reading examples mixed into phase 2 at a larger share over more steps.
 """
 
 import math
@@ -90,7 +112,7 @@ from data import format_choices, load_image, synthetic_samples
 from grpo import training_batch
 from model import save_policy
 from rollout import (DIRECT_PROMPT, DIRECT_SYSTEM, MGPO_PROMPTS, TOOL_PROMPTS, Trajectory, append_sampled,
-                     append_user_turn, cut_crop, encode_images, encode_prompt, start_groups)
+                     append_user_turn, collate, cut_crop, encode_images, encode_prompt, start_groups)
 from tiny import SPECIAL_TOKENS, TINY_BASE, TINY_MAX_PIXELS, TINY_MIN_PIXELS, build_tiny_tokenizer
 
 
@@ -113,6 +135,7 @@ class Config:
     read_crop_sides: str = "112,224"    # crop side range in original pixels (always holding the whole target)
     point_images: int = 2400            # pointing examples (phase 1 and 2), split evenly over POINT_COLOURS
     read_steps: int = 1200
+    read_held_out: int = 25             # images (seed data_seed + 3) whose crops measure reading after each phase
     read_batch_size: int = 32
     read_learning_rate: float = 3e-3
     # phase 2, formats
@@ -308,6 +331,19 @@ def make_reading_examples(cfg, tokenizer, image_processor, rng, num_images=None,
     return examples
 
 
+def reading_accuracy(model, tokenizer, image_processor, examples):
+    """Share of reading examples whose greedy answer is their pattern: how far the one skill RL cannot teach got."""
+    right = 0
+    for traj in examples:
+        prompt = len(traj.input_ids) - sum(traj.loss_mask)
+        pixel_values, grids = encode_images(image_processor, traj.images)
+        batch = collate([traj.input_ids[:prompt]], [pixel_values], [grids], tokenizer.pad_token_id,
+                        model.config.image_token_id, left_pad=True)
+        out = model.generate(**batch, max_new_tokens=8, do_sample=False)
+        right += out[0, prompt:].tolist()[:sum(traj.loss_mask)] == traj.input_ids[prompt:]
+    return right / len(examples)
+
+
 def make_pointing_examples(cfg, tokenizer, image_processor, rng):
     """Single-turn "[global view] Where is the red frame? ..." -> 'The key area is the red frame:
     ```json [{"bbox_2d": [...], ...}] ```' with a random grid box that holds the whole red frame: the grounding a
@@ -453,11 +489,16 @@ def make_base(cfg, log=print):
     start = time.time()
     reading = make_reading_examples(cfg, tokenizer, image_processor, rng)
     pointing = make_pointing_examples(cfg, tokenizer, image_processor, rng)
+    # their own random stream, so that measuring does not change the checkpoint
+    held_out = make_reading_examples(cfg, tokenizer, image_processor, random.Random(cfg.seed + 1),
+                                     num_images=cfg.read_held_out, seed=cfg.data_seed + 3)
+    reads = lambda: f"held-out reading accuracy {reading_accuracy(model, tokenizer, image_processor, held_out):.2f}"
     log(f"phase 1: {len(reading)} reading examples ({np.mean([len(t.input_ids) for t in reading]):.0f} tokens), "
         f"{len(pointing)} pointing examples ({np.mean([len(t.input_ids) for t in pointing]):.0f} tokens), "
         f"built in {time.time() - start:.0f}s")
     sft(cfg, model, tokenizer, image_processor, reading + pointing, rng, cfg.read_steps, cfg.read_batch_size,
         cfg.read_learning_rate, log, name="reading+pointing ")
+    log(f"phase 1: {reads()}")
     start = time.time()
     convs, hits = make_conversations(cfg, tokenizer, image_processor, rng)
     log(f"phase 2: {len(convs)} conversations ({hits} boxing the red frame, the target), "
@@ -467,6 +508,7 @@ def make_base(cfg, log=print):
     del reading, pointing
     sft(cfg, model, tokenizer, image_processor, convs + mixed, rng, cfg.steps, cfg.batch_size, cfg.learning_rate, log,
         name="formats ")
+    log(f"phase 2: {reads()}")
     save_policy(model, tokenizer, image_processor, cfg.output_dir)
     log(f"saved {cfg.output_dir}")
     return cfg.output_dir

@@ -13,8 +13,8 @@ from crop import coverage, is_valid_box, parse_box, parse_tool_call, to_original
 import numpy as np
 from data import FRAME_COLOURS
 from make_base import (PLACES, Config, box_ids, build_base_tokenizer, make_base, make_conversations,
-                       make_pointing_examples, make_reading_examples, mgpo_turn1_ids, template_batches,
-                       tool_turn1_ids)
+                       make_pointing_examples, make_reading_examples, mgpo_turn1_ids, reading_accuracy,
+                       template_batches, tool_turn1_ids)
 from model import load_policy
 from rewards import extract_answer_tag, extract_boxed
 from rollout import mgpo_rollout
@@ -24,6 +24,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 SMALL = ["--num_images", "6", "--steps", "3", "--batch_size", "2", "--log_every", "1", "--hidden_size", "32",
          "--intermediate_size", "64", "--num_heads", "2", "--mrope_section", "1,3,4", "--vision_hidden_size", "32",
          "--read_images", "2", "--read_crops_per_image", "2", "--read_steps", "2",
+         "--read_held_out", "1",
          "--read_batch_size", "2", "--point_images", "4"]
 
 
@@ -138,6 +139,7 @@ def test_a_few_sft_steps_save_a_checkpoint_whose_boxes_parse(tmp_path):
     cfg = parse_config(Config, SMALL + ["--output_dir", out])
     make_base(cfg, log=lines.append)
     assert any(line.startswith("reading+pointing step 2/2 loss") for line in lines)
+    assert sum("held-out reading accuracy" in line for line in lines) == 2  # after each phase
     assert any(line.startswith("formats step 3/3 loss") for line in lines)
     model, tok, processor = load_policy(out, torch.device("cpu"), torch.float32)
     assert model.config.text_config.hidden_size == 32
@@ -149,3 +151,27 @@ def test_a_few_sft_steps_save_a_checkpoint_whose_boxes_parse(tmp_path):
     torch.manual_seed(0)
     trajs = mgpo_rollout(model, tok, processor, synthetic_samples(2, seed=3), 2, run)
     assert len(trajs) == 4 and all(len(t.texts) == 2 for t in trajs)
+
+
+def test_reading_accuracy_counts_greedy_answers_that_are_the_pattern():
+    cfg = parse_config(Config, [])
+    cfg.min_pixels = TINY_MIN_PIXELS
+    tok = build_base_tokenizer()
+    processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
+    examples = make_reading_examples(cfg, tok, processor, random.Random(0), num_images=2)  # 8 crops
+
+    class Reader:
+        """Answers the first three crops with their pattern, the others with 'checkerboard' (right only if it is)."""
+        config = SimpleNamespace(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"))
+        asked = 0
+
+        def generate(self, input_ids, **batch):
+            ex = examples[self.asked]
+            answer = ex.texts[0] if self.asked < 3 else "checkerboard"
+            self.asked += 1
+            assert input_ids[0].tolist() == ex.input_ids[:len(ex.input_ids) - sum(ex.loss_mask)]  # the question only
+            ids = tok(answer)["input_ids"] + [tok.eos_token_id, tok.pad_token_id]
+            return torch.cat([input_ids, torch.tensor([ids])], dim=1)
+
+    expected = (3 + sum(ex.texts[0] == "checkerboard" for ex in examples[3:])) / len(examples)
+    assert reading_accuracy(Reader(), tok, processor, examples) == expected
