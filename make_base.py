@@ -11,8 +11,9 @@ Phase 1, reading and pointing (short single-turn examples):
 - reading: "[crop] Pattern?" -> "vertical stripes", the crop a square of `read_crop_sides` original pixels holding
   one whole frame (any of the five colours). The one skill RL cannot teach: telling the four period-4 patterns apart
   at full resolution. Without it p(correct | crop with the target) stays at chance and no box earns more reward.
-  The held-out reading accuracy is printed after each phase. This base reads three of the four patterns: it calls
-  diagonal stripes a checkerboard (below), which caps MGPO's accuracy near 0.75 even with every box on the target.
+  The held-out reading accuracy is printed after each phase (this base: 0.81, then 0.89 on 100 crops, 11 of them
+  diagonal stripes). It reads three of the four patterns: it calls diagonal stripes a checkerboard (below), which
+  caps MGPO's accuracy near 0.75 even with every box on the target.
 - pointing: "[global view] Where is the red frame? Output the coordinates ..." in MGPO's system prompt and turn-1
   instruction -> 'The key area is the red frame:\n```json [{"bbox_2d": [...], "label": "red frame"}] ```' with a
   grid box that holds the whole frame. This is the grounding a pretrained VLM brings: Qwen2.5-VL boxes a named
