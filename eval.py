@@ -247,6 +247,7 @@ def evaluate(cfg):
     if rank == 0:
         write_results(cfg, runs, all_records)
     if dist.is_initialized():
+        dist.barrier()  # rank 0 wrote the results; tearing down before the others can abort gloo
         dist.destroy_process_group()
     return runs
 

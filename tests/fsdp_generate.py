@@ -46,6 +46,7 @@ def main(tiny_dir):
     outs, _ = rollout.generate_for(model, tokenizer, trajs, 4 + 4 * dist.get_rank(), SimpleNamespace(temperature=1.0),
                                    after=turn)
     print(f"rank {dist.get_rank()} second turn lengths {[len(ids) for ids, _ in outs]}", flush=True)
+    dist.barrier()  # teardown together: gloo aborted rank 0 once when it left before rank 1 (CI, 2 cores)
     dist.destroy_process_group()
 
 

@@ -48,6 +48,7 @@ def main(tiny_dir, batch_file, out_dir):
     wa, wb = full_state_dict(a.model), full_state_dict(b.model)
     if rank == 0:
         print(f"max weight difference {max((wa[k] - wb[k]).abs().max().item() for k in wa)}", flush=True)
+    dist.barrier()  # teardown together: gloo aborted rank 0 once when it left before rank 1 (CI, 2 cores)
     dist.destroy_process_group()
 
 
