@@ -48,10 +48,9 @@ CANVAS_SIZE = 896
 TARGET_SIDE = (96, 112)  # outer side of the red frame in pixels, inclusive range: about one visual token
 FRAME_THICKNESS = 16  # thick, so the frame dominates its visual token (the tiny model never found a 6-px ring)
 PATTERN_PERIOD = 4  # equal to the downscale factor, so every output pixel averages whole periods to grey
-FRAME_RED = (220, 20, 20)
 # The target's frame and four distractor frames, each around a pattern of its own: the global view shows five
 # frames, only the question says which one matters. A model that boxes "some frame" hits the target 1 time in 5.
-FRAME_COLOURS = {"red": FRAME_RED, "yellow": (220, 220, 20), "magenta": (220, 20, 220), "orange": (230, 130, 20),
+FRAME_COLOURS = {"red": (220, 20, 20), "yellow": (220, 220, 20), "magenta": (220, 20, 220), "orange": (230, 130, 20),
                  "purple": (120, 20, 200)}
 FRAME_GAP = 16  # pixels between two frames, so a crop that holds one frame whole rarely holds another
 NOISE_STD = 8.0

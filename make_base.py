@@ -134,7 +134,7 @@ class Config:
     read_images: int = 500              # synthetic images (seed data_seed + 1); each gives `read_crops_per_image`
     read_crops_per_image: int = 4
     read_crop_sides: str = "112,224"    # crop side range in original pixels (always holding the whole target)
-    point_images: int = 2400            # pointing examples (phase 1 and 2), split evenly over POINT_COLOURS
+    point_images: int = 2400            # pointing examples (phase 1, and mixed into phase 2)
     read_steps: int = 1200
     read_held_out: int = 25             # images (seed data_seed + 3) whose crops measure reading after each phase
     read_batch_size: int = 32
