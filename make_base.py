@@ -1,7 +1,7 @@
 """A tiny BASE model for the CPU demo of MGPO: it plays the part of a pretrained VLM that follows the formats, can
 read a clear crop and can box a named object, but has no trained sense of where to look for the question.
 
-    python make_base.py                      # writes checkpoints/tiny-base (committed; about 20 minutes, 1 thread)
+    python make_base.py                      # writes checkpoints/tiny-base (committed; 20-25 minutes, 1 thread)
     python train_mgpo.py                     # the demo: MGPO from that base (README, "Quick start")
 
 Supervised fine-tuning (plain PyTorch, CPU) of a freshly built tiny Qwen2.5-VL, in two phases, with the loss on
@@ -60,7 +60,7 @@ head_dim 32, mrope_section [1, 3, 12] and rope_theta 500 give rows 0.3-0.7 and c
 token (the lowest width frequencies stay nearly position-free for text).
 Same chat template and image processor as the tiny model; the checkpoint is about 2.4 MB.
 
-Measured on the committed checkpoint (built with these defaults, about 20 minutes on one thread), 64 held-out
+Measured on the committed checkpoint (built with these defaults, 20-25 minutes on one thread), 64 held-out
 questions in the MGPO template: greedy, turn 1 names a half every time (right half 28, bottom half 36), 0.61 of
 the boxes valid, coverage of the target 0.02, accuracy 0.27. Sampled (temperature 1): "the red frame" 31 times
 (the SFT data had it one time in five; the pointing examples, asked in the same format, pull it up), and 0.69 of
