@@ -96,8 +96,9 @@ after 10 steps, 0.98 held-out after 100):
 The plateau is in the vision tower: training it alone (language model frozen) from this base, on reading crops,
 reaches all four patterns, and how much of the rest survives depends on the data and the lr (160 crops; greedy and
 sampled turn 1 on 64 held-out questions; the 100-step MGPO demo from each):
-(g) reading, 1e-3, 600 steps (3 cosine cycles of 200): reading 0.91 (80 crops), pointing 37/48, sampled turn 1 names the red
-    frame 28 times (0.67 of those boxes hold it); MGPO 0.23 -> 0.77 (coverage 0.11 -> 0.93): the best honest base;
+(g) reading, 1e-3, 600 steps (3 cosine cycles of 200): reading 0.91 (80 crops), pointing 37/48, sampled turn 1
+    names the red frame 28 times (0.67 of those boxes hold it); MGPO 0.23 -> 0.77 (coverage 0.11 -> 0.93): the
+    best honest base;
 (h) reading, 1e-3, 1200 steps (2 cycles of 600): reading 0.98, but turn 1 garbled (greedy: 33 of 64 name no place,
     0.48 of the boxes valid; sampled: "leftp half", "top hal half"), MGPO 0.23 -> 0.69 (coverage 0.88);
 (i) reading, 2e-3, 800 steps (2 cycles of 400): reading 0.99, MGPO coverage near 0.25 through step 75 (stopped);
