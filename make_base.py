@@ -109,8 +109,20 @@ sampled turn 1 on 64 held-out questions; the 100-step MGPO demo from each):
 (k) reading and 1600 phase-2 conversations (whose place is drawn whatever the question), 1e-3, 600 steps: turn 1
     as this base's (greedy names a half 64 times, sampled names the red frame 31 times), but reading 0.76: about
     half the batches read, too few steps.
-What is left to try: (k) over more steps (3000 or so; ~0.85 s a step on one thread), or with the conversations cut
-to turn 1 (shorter, so more reading per second).
+(l) (k) over 3000 steps: reading 0.98, pointing 44/48, turn 1 as this base's (greedy names a half 64 times,
+    sampled names the red frame 26 times); MGPO 0.30 -> 0.72 (coverage 0.94): no better than this base (trained,
+    it reads 0.84 from grid boxes that hold the frame and 0.70 from the 46 of its own boxes that do);
+(m) reading and 400 conversations, 2000 steps: reading 0.99, pointing 32/48, greedy names a half 64 times; MGPO
+    0.25 -> 0.64 (coverage 0.94).
+Why reading in its own format does not carry over: MGPO's accuracy is turn 2 read inside the conversation, from
+the crop of the box the policy writes. With turn 1 forced to a grid box that holds the red frame (64 held-out
+questions, greedy turn 2): this base 0.81, (l) 0.84, (m) 0.80; 7 of (l)'s 10 errors answer a checkerboard
+"diagonal stripes". The frozen language model's turn-2 readout was trained in phase 2, when the two looked alike,
+and does not follow the vision tower. And after MGPO from (m), the policy's own boxes that hold the frame whole are
+read right 0.58 of the time (28 of 48), the grid boxes 0.875 on the same checkpoint: RL's boxes drift to
+rectangles (84 x 28 global-view pixels, say), a shape no SFT example has.
+What is left to try: reading crops of any aspect ratio (the shapes RL drifts to), and after phase 3 a short SFT of
+the language model on turn 2 only (loss on the answer, so turn 1 stays as it was).
 """
 
 import math
