@@ -75,60 +75,20 @@ quarter"): the base garbled the longer names; (5) halves with random boxes: turn
 base read even a crop of the red frame right only 0.33 of the time; (6) twice the pointing examples (phase-2
 mix 1600): the greedy base named the red frame 17 times in 64, no longer a base without a sense of where to look.
 
-Reading, the open problem. Held-out crops in the reading format (160, greedy): 0.75, and every error is one cell,
-diagonal stripes read as "checkerboard" (39 of 39; the same on crops of exactly 168 or 224 px, which are not
-resized). `eval.py --probe gt` on the MGPO-trained demo checkpoint: 0.70 with the ground-truth crop, 0.72 without.
-Reading alone from a fresh model learns all four patterns at lr 1e-3 (training loss 0.006 after 600 steps, held-out
-0.99-1.00) and not at phase 1's 3e-3 (1200 steps: the same three-pattern plateau). But every base built with
-that fix lost what MGPO needs from it; measured on 64 held-out questions, sampled turn 1 (this base: names the red
-frame 31 times, 0.69 of those boxes hold it; pointing 46/48), and in 100-step MGPO runs (this base: coverage 0.34
-after 10 steps, 0.98 held-out after 100):
-(a) reading alone first (800 steps, 1e-3), then phase 1 at 3e-3: reading back to 0.80;
-(b) (a) with phase 1 at 2e-3: reading 1.00 after every phase, but MGPO coverage 0.04 at step 26;
-(c) (a) with tool_fraction 0.5 and half the pointing examples in the tool template: reading 1.00, pointing
-    28/48, sampled place names garbled ("bott half", "rightom half"), MGPO coverage 0.12 at step 40; at 1e-3
-    instead of 3e-3, pointing 1/48;
-(d) phase 1 as is, then reading alone (600 steps, 1e-3): reading 0.96, pointing 36/48, sampled turn 1 names the
-    red frame 11 times (1 of its 4 valid boxes holds it), MGPO coverage 0.16 at step 40;
-(e) phase 1 as is, then reading and pointing at 1e-3 (800 steps): reading 0.91 (stopped there).
-600 reading-alone steps at 1e-3 from this base fix its reading (0.99) and wash out the formats (no turn 1 parses).
-(f) phase 1 with the vision tower's lr capped at 1e-3 (the rest at 3e-3): reading 0.27 after phase 1 (stopped).
-The plateau is in the vision tower: training it alone (language model frozen) from this base, on reading crops,
-reaches all four patterns, and how much of the rest survives depends on the data and the lr (160 crops; greedy and
-sampled turn 1 on 64 held-out questions; the 100-step MGPO demo from each):
-(g) reading, 1e-3, 600 steps (3 cosine cycles of 200): reading 0.91 (80 crops), pointing 37/48, sampled turn 1
-    names the red frame 28 times (0.67 of those boxes hold it); MGPO 0.23 -> 0.77 (coverage 0.11 -> 0.93): the
-    best honest base;
-(h) reading, 1e-3, 1200 steps (2 cycles of 600): reading 0.98, but turn 1 garbled (greedy: 33 of 64 name no place,
-    0.48 of the boxes valid; sampled: "leftp half", "top hal half"), MGPO 0.23 -> 0.69 (coverage 0.88);
-(i) reading, 2e-3, 800 steps (2 cycles of 400): reading 0.99, MGPO coverage near 0.25 through step 75 (stopped);
-(j) reading and 800 pointing examples, 1e-3, 1200 steps: reading 0.98, pointing 45/48, MGPO 0.72 -> 0.78; but not
-    a base: the frozen language model now names the red frame in 58 of 64 greedy turn-1s (coverage 0.89, accuracy
-    0.72 before any RL). Training the vision tower on pointing moves every question's image features towards "the
-    red frame".
-(k) reading and 1600 phase-2 conversations (whose place is drawn whatever the question), 1e-3, 600 steps: turn 1
-    as this base's (greedy names a half 64 times, sampled names the red frame 31 times), but reading 0.76: about
-    half the batches read, too few steps.
-(l) (k) over 3000 steps: reading 0.98, pointing 44/48, turn 1 as this base's (greedy names a half 64 times,
-    sampled names the red frame 26 times); MGPO 0.30 -> 0.72 (coverage 0.94): no better than this base (trained,
-    it reads 0.84 from grid boxes that hold the frame and 0.70 from the 46 of its own boxes that do);
-(m) reading and 400 conversations, 2000 steps: reading 0.99, pointing 32/48, greedy names a half 64 times; MGPO
-    0.25 -> 0.64 (coverage 0.94).
-Why reading in its own format does not carry over: MGPO's accuracy is turn 2 read inside the conversation, from
-the crop of the box the policy writes. With turn 1 forced to a grid box that holds the red frame (64 held-out
-questions, greedy turn 2): this base 0.81, (l) 0.84, (m) 0.80; 7 of (l)'s 10 errors answer a checkerboard
-"diagonal stripes". The frozen language model's turn-2 readout was trained in phase 2, when the two looked alike,
-and does not follow the vision tower. And after MGPO from (m), the policy's own boxes that hold the frame whole are
-read right 0.58 of the time (28 of 48), the grid boxes 0.875 on the same checkpoint: RL's boxes drift to
-rectangles (84 x 28 global-view pixels, say), a shape no SFT example has.
-After (l), 300 steps of whole-model SFT on 1200 fresh conversations (batch 16, 1e-4) fix that readout:
-(n) loss on turn 2 only: grid boxes read 0.98 and MGPO goes 0.66 -> 0.91, but the greedy turn 1 already names the
-    red frame 23 times in 64 (the shared weights move turn 1 too): not a base;
-(o) loss on both turns: grid boxes read 0.94, greedy turn 1 names a half 64 times (accuracy 0.31), sampled it names
-    the red frame only 9 times in 64 (no pointing mixed in); MGPO 0.31 -> 0.78 (coverage 0.88), the best honest
-    base so far.
-What is left to try: (o) with the phase-2 mix of pointing examples, to keep the sampled red frame near 26 in 64;
-reading crops of any aspect ratio (the shapes RL drifts to).
+Reading, the open problem: MGPO's accuracy stops near 0.72 with every box on the target. This base reads held-out
+crops 0.75 in the reading format, every error a diagonal stripe called a checkerboard. Reading alone learns all four
+patterns at lr 1e-3 (0.99), not at phase 1's 3e-3, but the whole-model rebuilds with that fix lost the pointing and
+the turn-1 text MGPO starts from. The plateau is in the vision tower: trained alone (language model frozen) on the
+reading crops and 1600 phase-2 conversations (3000 steps, 1e-3) it reads 0.98 with turn 1 as it was, and MGPO still
+ends at 0.72. What MGPO needs is turn 2 read inside the conversation: with turn 1 forced to a grid box that holds the
+frame, that model answers 0.84 (the frozen language model's turn-2 readout still mixes up the two patterns), and
+RL's own boxes drift to rectangles that no SFT example has and that it reads worse. 300 more steps of whole-model SFT
+on conversations fix the readout (0.94) and MGPO then reaches 0.78 (coverage 0.88), the best base so far without a
+sense of where to look; with the loss on turn 2 alone it reads 0.98 and MGPO reaches 0.91, but its greedy turn 1
+already names the red frame 23 times in 64, as it does after pointing examples in the vision tower's data (58 of
+64): no longer a base. Each variant, measured, is in the notes of issue 5 (variants (a)-(o)).
+What is left to try: that last SFT with the phase-2 mix of pointing examples, to keep the sampled red frame near 26
+in 64 (it fell to 9); reading crops of any aspect ratio.
 """
 
 import math
