@@ -12,9 +12,9 @@ from config import parse_config
 from crop import coverage, is_valid_box, parse_box, parse_tool_call, to_original
 import numpy as np
 from data import FRAME_COLOURS
-from make_base import (PLACES, Config, box_ids, build_base_tokenizer, make_base, make_conversations,
-                       make_pointing_examples, make_reading_examples, mgpo_turn1_ids, reading_accuracy,
-                       template_batches, tool_turn1_ids)
+from make_base import (PLACES, Config, box_ids, build_base_tokenizer, build_model, freeze_language_model, make_base,
+                       make_conversations, make_pointing_examples, make_reading_examples, mgpo_turn1_ids,
+                       reading_accuracy, sft, template_batches, tool_turn1_ids)
 from model import load_policy
 from rewards import extract_answer_tag, extract_boxed
 from rollout import mgpo_rollout
@@ -24,7 +24,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 SMALL = ["--num_images", "6", "--steps", "3", "--batch_size", "2", "--log_every", "1", "--hidden_size", "32",
          "--intermediate_size", "64", "--num_heads", "2", "--mrope_section", "1,3,4", "--vision_hidden_size", "32",
          "--read_images", "2", "--read_crops_per_image", "2", "--read_steps", "2",
-         "--read_held_out", "1",
+         "--read_held_out", "1", "--vision_steps", "2", "--readout_steps", "2",
          "--read_batch_size", "2", "--point_images", "4"]
 
 
@@ -125,6 +125,21 @@ def test_reading_examples_show_the_whole_target_and_train_on_its_name():
         assert len(ex.input_ids) < 120  # short: several times more examples per second than the conversations
 
 
+def test_phase_3_trains_the_vision_tower_and_leaves_the_language_model_as_it_was():
+    cfg = parse_config(Config, SMALL)
+    cfg.min_pixels = TINY_MIN_PIXELS
+    tok = build_base_tokenizer()
+    processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
+    model = build_model(cfg, tok)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    examples = make_reading_examples(cfg, tok, processor, random.Random(0), num_images=2)
+    sft(cfg, freeze_language_model(model), tok, processor, examples, random.Random(0), 2, 2, 1e-2, log=lambda s: None)
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    vision = {name for name in before if name.startswith("model.visual.")}
+    assert changed == vision  # every vision weight moved (patch embedding, blocks, merger), nothing else
+    assert any(".merger." in name for name in vision) and any("patch_embed" in name for name in vision)
+
+
 def test_batches_of_one_template_each_and_a_clear_error_when_none_fills_a_batch():
     convs = [SimpleNamespace(texts=[t]) for t in ["mgpo turn", "mgpo turn", "tool turn", "tool turn", "tool turn"]]
     batch = next(template_batches(convs, 2, random.Random(0)))
@@ -139,7 +154,9 @@ def test_a_few_sft_steps_save_a_checkpoint_whose_boxes_parse(tmp_path):
     cfg = parse_config(Config, SMALL + ["--output_dir", out])
     make_base(cfg, log=lines.append)
     assert any(line.startswith("reading+pointing step 2/2 loss") for line in lines)
-    assert sum("held-out reading accuracy" in line for line in lines) == 2  # after each phase
+    assert sum("held-out reading accuracy" in line for line in lines) == 4  # after each phase
+    assert any(line.startswith("vision tower step 2/2 loss") for line in lines)
+    assert any(line.startswith("readout step 2/2 loss") for line in lines)
     assert any(line.startswith("formats step 3/3 loss") for line in lines)
     model, tok, processor = load_policy(out, torch.device("cpu"), torch.float32)
     assert model.config.text_config.hidden_size == 32
