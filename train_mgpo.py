@@ -23,7 +23,7 @@ class Config(TrainConfig):
     # held-out report before and after. For a real model pass MGPO's values (README, On GPU nodes).
     model: str = "tiny-base"
     output_dir: str = "out/mgpo"
-    max_steps: int = 100
+    max_steps: int = 200
     batch_size: int = 8
     num_generations: int = 8
     learning_rate: float = 1e-4         # the demo's; MGPO used 1e-6 for Qwen2.5-VL-7B
