@@ -525,7 +525,8 @@ def make_base(cfg, log=print):
     sft(cfg, model, tokenizer, image_processor, convs + mixed, rng, cfg.steps, cfg.batch_size, cfg.learning_rate, log,
         name="formats ")
     log(f"phase 2: {reads()}")
-    # phases 3 and 4 draw from their own random streams: run from a phase-2 checkpoint, they are the whole build's
+    # phases 3 and 4 shuffle (and phase 4 draws its conversations) from streams of their own, not from `rng`
+    # after phase 2: how phase 2 consumed it does not change them
     sft(cfg, freeze_language_model(model), tokenizer, image_processor, reading + convs[:cfg.vision_convs],
         random.Random(cfg.seed + 2), cfg.vision_steps, cfg.read_batch_size, cfg.vision_learning_rate, log,
         name="vision tower ")
