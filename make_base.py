@@ -18,7 +18,9 @@ Phase 1, reading and pointing (short single-turn examples):
   grid box that holds the whole frame. This is the grounding a pretrained VLM brings: Qwen2.5-VL boxes a named
   object when asked, in the chat format it is used in. (Asked in a short prompt of its own, the skill did not carry
   over to MGPO's turn 1: 0.73-0.88 of the pointing answers held the frame, 0.00-0.11 of the turn-1 boxes that
-  named it.)
+  named it.) `tool_pointing` asks the same in the tool-call template, with the options, so that the answer sits as
+  many tokens after the global view as a tool call does (off by default: the committed base has none, and its
+  sampled tool calls hold the frame 0.02 of the time against MGPO's 0.12; see the notes of issue 5).
 
 Phase 2, formats. Conversations made with the repo's own rollout helpers (`start_groups`, `append_sampled`,
 `cut_crop`, `append_user_turn`), as token ids:
@@ -134,6 +136,7 @@ class Config:
     read_crops_per_image: int = 4
     read_crop_sides: str = "112,224"    # crop side range in original pixels (always holding the whole target)
     point_images: int = 2400            # pointing examples (phase 1, and mixed into phase 2)
+    tool_pointing: int = 0              # the same asked in the tool-call template (images of seed data_seed + 4)
     read_steps: int = 1200
     read_held_out: int = 25             # images (seed data_seed + 3) whose crops measure reading after each phase
     read_batch_size: int = 32
@@ -141,6 +144,7 @@ class Config:
     # phase 2, formats
     mix_reading: int = 800              # phase-1 examples mixed into the phase-2 set (own batches) to keep reading
     mix_pointing: int = 800             # the same for pointing
+    mix_tool_pointing: int = 0          # the same for pointing in the tool-call template
     steps: int = 800                    # optimizer steps (about 1/4 of them on the mixed-in reading examples)
     batch_size: int = 16
     learning_rate: float = 1e-3
@@ -351,16 +355,24 @@ def reading_accuracy(model, tokenizer, image_processor, examples):
     return right / len(examples)
 
 
-def make_pointing_examples(cfg, tokenizer, image_processor, rng):
+def make_pointing_examples(cfg, tokenizer, image_processor, rng, tool=False):
     """Single-turn "[global view] Where is the red frame? ..." -> 'The key area is the red frame:
     ```json [{"bbox_2d": [...], ...}] ```' with a random grid box that holds the whole red frame: the grounding a
-    pretrained VLM brings (it boxes a named object when asked)."""
+    pretrained VLM brings (it boxes a named object when asked). With `tool`, asked in the tool-call template with a
+    sample's options, so that as many tokens lie between the global view and the answer as in a tool conversation
+    (the model boxes by attending at a learned token distance), and answered with its turn 1:
+    '<think>The key area is the red frame.</think>\n<tool_call>...'."""
+    if tool:
+        count, seed, system, turn1, end = cfg.tool_pointing, cfg.data_seed + 4, TOOL_PROMPTS.system, tool_turn1_ids, []
+        text = lambda s: TOOL_PROMPTS.user.format(question=POINT_QUESTION, choices=format_choices(s.options))
+    else:
+        count, seed, system, turn1 = cfg.point_images, cfg.data_seed + 2, MGPO_PROMPTS.system, mgpo_turn1_ids
+        text, end = lambda s: MGPO_PROMPTS.turn1.format(question=POINT_QUESTION), [tokenizer.eos_token_id]
     examples = []
-    for sample in synthetic_samples(cfg.point_images, cfg.data_seed + 2):
-        (traj,), _ = start_groups([sample], tokenizer, image_processor, 1, cfg, MGPO_PROMPTS.system,
-                                  lambda s: MGPO_PROMPTS.turn1.format(question=POINT_QUESTION))
-        answer = mgpo_turn1_ids(tokenizer, rng.choice(holding_boxes(cfg, traj, sample.boxes[0])), PLACES[0])
-        append_sampled(traj, answer + [tokenizer.eos_token_id], [0.0] * (len(answer) + 1), tokenizer)
+    for sample in synthetic_samples(count, seed):
+        (traj,), _ = start_groups([sample], tokenizer, image_processor, 1, cfg, system, text)
+        answer = turn1(tokenizer, rng.choice(holding_boxes(cfg, traj, sample.boxes[0])), PLACES[0]) + end
+        append_sampled(traj, answer, [0.0] * len(answer), tokenizer)
         examples.append(settle(traj))
     return examples
 
@@ -505,6 +517,7 @@ def make_base(cfg, log=print):
     start = time.time()
     reading = make_reading_examples(cfg, tokenizer, image_processor, rng)
     pointing = make_pointing_examples(cfg, tokenizer, image_processor, rng)
+    pointing += make_pointing_examples(cfg, tokenizer, image_processor, rng, tool=True)
     # their own random stream, so that measuring does not change the checkpoint
     held_out = make_reading_examples(cfg, tokenizer, image_processor, random.Random(cfg.seed + 1),
                                      num_images=cfg.read_held_out, seed=cfg.data_seed + 3)
@@ -519,9 +532,11 @@ def make_base(cfg, log=print):
     convs, hits = make_conversations(cfg, tokenizer, image_processor, rng)
     log(f"phase 2: {len(convs)} conversations ({hits} boxing the red frame, the target), "
         f"{np.mean([len(t.input_ids) for t in convs]):.0f} tokens each, built in {time.time() - start:.0f}s")
-    mixed = reading[:cfg.mix_reading] + pointing[:cfg.mix_pointing]
-    log(f"phase 2: {cfg.mix_reading} reading and {cfg.mix_pointing} pointing examples mixed in")
-    del pointing
+    tool_pointing = pointing[cfg.point_images:]
+    mixed = reading[:cfg.mix_reading] + pointing[:cfg.mix_pointing] + tool_pointing[:cfg.mix_tool_pointing]
+    log(f"phase 2: {cfg.mix_reading} reading, {cfg.mix_pointing} pointing and {cfg.mix_tool_pointing} tool-template "
+        f"pointing examples mixed in")
+    del pointing, tool_pointing
     sft(cfg, model, tokenizer, image_processor, convs + mixed, rng, cfg.steps, cfg.batch_size, cfg.learning_rate, log,
         name="formats ")
     log(f"phase 2: {reads()}")

@@ -25,7 +25,7 @@ SMALL = ["--num_images", "6", "--steps", "3", "--batch_size", "2", "--log_every"
          "--intermediate_size", "64", "--num_heads", "2", "--mrope_section", "1,3,4", "--vision_hidden_size", "32",
          "--read_images", "2", "--read_crops_per_image", "2", "--read_steps", "2",
          "--read_held_out", "1", "--vision_steps", "2", "--readout_steps", "2",
-         "--read_batch_size", "2", "--point_images", "4"]
+         "--read_batch_size", "2", "--point_images", "4", "--tool_pointing", "4", "--mix_tool_pointing", "2"]
 
 
 def test_each_coordinate_is_one_token_and_the_boxes_parse():
@@ -69,6 +69,37 @@ def test_pointing_examples_box_the_named_frame():
         # the pixels the model is shown at that place are red
         assert frame_colour_at(ex.images[0], ex.sample.boxes[0], ex.original_size) == "red"
         assert ex.sample.image is None  # settled: the 896 x 896 canvas is not kept
+
+
+def test_tool_pointing_boxes_the_red_frame_at_the_token_distance_of_a_tool_conversation():
+    cfg = parse_config(Config, ["--tool_pointing", "6", "--num_images", "4", "--tool_fraction", "1.0"])
+    cfg.min_pixels = TINY_MIN_PIXELS
+    tok = build_base_tokenizer()
+    processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
+    examples = make_pointing_examples(cfg, tok, processor, random.Random(0), tool=True)
+    convs = [t for t in make_conversations(cfg, tok, processor, random.Random(0))[0] if len(t.texts) == 2]
+    assert len(examples) == 6 and convs
+    image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
+
+    def answer_offset(traj):  # tokens from the global view's last visual token to the first trained token
+        return traj.loss_mask.index(1) - traj.input_ids.index(image_pad) - int(traj.image_grid_thw[0].prod()) // 4
+
+    offsets = {answer_offset(t) for t in convs}
+    assert len(offsets) == 1  # the options' order does not change the prompt's length
+    for ex in examples:
+        box, call = parse_tool_call(ex.texts[0])[0], tok.decode(ex.input_ids)
+        assert "Where is the red frame? (A)" in call and ex.texts[0].startswith("<think>The key area is the red frame.")
+        assert coverage(to_original(box, ex.input_size, ex.original_size), ex.sample.boxes[0]) == 1.0
+        assert answer_offset(ex) in offsets
+
+
+def test_without_tool_pointing_the_main_random_stream_is_untouched():
+    # the committed base was built before tool pointing existed: with --tool_pointing 0 it must build the same
+    cfg = parse_config(Config, [])
+    cfg.min_pixels = TINY_MIN_PIXELS
+    rng = random.Random(7)
+    assert make_pointing_examples(cfg, build_base_tokenizer(), None, rng, tool=True) == []
+    assert rng.random() == random.Random(7).random()
 
 
 def test_conversations_hide_the_target_in_the_text_and_show_it_in_some_crops():
