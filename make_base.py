@@ -20,7 +20,7 @@ Phase 1, reading and pointing (short single-turn examples):
   over to MGPO's turn 1: 0.73-0.88 of the pointing answers held the frame, 0.00-0.11 of the turn-1 boxes that
   named it.) `tool_pointing` asks the same in the tool-call template, with the options, so that the answer sits as
   many tokens after the global view as a tool call does (off by default: the committed base has none, and its
-  sampled tool calls hold the frame 0.02 of the time against MGPO's 0.12; see the notes of issue 5).
+  sampled tool calls hold the frame 0.02 of the time against MGPO's 0.12; two schedules with it: (7) below).
 
 Phase 2, formats. Conversations made with the repo's own rollout helpers (`start_groups`, `append_sampled`,
 `cut_crop`, `append_user_turn`), as token ids:
@@ -94,7 +94,14 @@ red frame, 0.63 after 300 steps); (3) pointing asked in a short prompt of its ow
 0.00-0.11 of the MGPO turn-1 boxes that named the red frame held it; (4) quarters instead of halves ("bottom right
 quarter"): the base garbled the longer names; (5) halves with random boxes: turn 2 was mostly a guess and the
 base read even a crop of the red frame right only 0.33 of the time; (6) twice the pointing examples (phase-2
-mix 1600): the greedy base named the red frame 17 times in 64, no longer a base without a sense of where to look.
+mix 1600): the greedy base named the red frame 17 times in 64, no longer a base without a sense of where to look;
+(7) pointing in the tool-call template too, for LFPC (`--tool_pointing 1200 --mix_tool_pointing 400 --tool_fraction
+0.4 --num_images 1500`): reading 0.35 after phase 1 and 1.00 after phase 4, but the greedy MGPO turn 1 named the red
+frame 64 times in 64 (no longer a base) and garbled the half names ("in the bot half"); with `--tool_pointing 2400
+--mix_tool_pointing 800 --tool_fraction 0.5 --num_images 1800 --read_steps 1800` it stayed a base (greedy: halves)
+and sampled tool calls held the frame 0.12 of the time (this base: 0.02), but reading ended at 0.66 and the tool
+format broke in 0.68 of the sampled tool episodes (no valid crop): the 0.6M model did not fit both templates in
+these schedules.
 """
 
 import math
