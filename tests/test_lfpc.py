@@ -9,7 +9,7 @@ import torch
 from config import parse_config
 from data import Sample
 from loop import check_config
-from train_lfpc import Config, extra_checks, lfpc_metrics, lfpc_reward, train
+from train_lfpc import Config, extra_checks, lfpc_metrics, lfpc_reward, normalised_answer, train
 
 FAST = ["--max_steps", "1", "--max_new_tokens_per_turn", "8", "--num_synthetic", "8", "--batch_size", "2",
         "--num_generations", "2", "--max_response_tokens", "24"]
@@ -21,6 +21,16 @@ def episode(texts, crop_boxes, sample=SAMPLE):
     return SimpleNamespace(sample=sample, texts=texts, crop_boxes=crop_boxes, original_size=(1000, 500),
                            tool_calls=len(crop_boxes), end_reason="answer", loss_mask=[1, 1, 0],
                            image_grid_thw=torch.tensor([[1, 8, 8]] + [[1, 4, 4]] * len(crop_boxes)))
+
+
+def test_resolution_selection_compares_answers_not_their_wrapping():
+    # SAMPLE's option B is "dog": the same answer three ways, and a different one
+    same = [normalised_answer(t, SAMPLE) for t in ("B", r"\boxed{B}", r"The answer: \boxed{dog}.")]
+    assert same == ["B", "B", "B"]
+    assert normalised_answer(r"\boxed{cat}", SAMPLE) == "A"
+    # no options: the normalised free text, unwrapped
+    free = Sample("f", None, "Colour?", None, "red", [])
+    assert normalised_answer(r"\boxed{The Red}", free) == normalised_answer("red.", free) == "red"
 
 
 def test_stage1_reward_by_hand():
