@@ -526,22 +526,22 @@ def make_base(cfg, log=print):
     start = time.time()
     reading = make_reading_examples(cfg, tokenizer, image_processor, rng)
     pointing = make_pointing_examples(cfg, tokenizer, image_processor, rng)
-    pointing += make_pointing_examples(cfg, tokenizer, image_processor, rng, tool=True)
+    tool_pointing = make_pointing_examples(cfg, tokenizer, image_processor, rng, tool=True)
     # their own random stream, so that measuring does not change the checkpoint
     held_out = make_reading_examples(cfg, tokenizer, image_processor, random.Random(cfg.seed + 1),
                                      num_images=cfg.read_held_out, seed=cfg.data_seed + 3)
     reads = lambda: f"held-out reading accuracy {reading_accuracy(model, tokenizer, image_processor, held_out):.2f}"
     log(f"phase 1: {len(reading)} reading examples ({np.mean([len(t.input_ids) for t in reading]):.0f} tokens), "
-        f"{len(pointing)} pointing examples ({np.mean([len(t.input_ids) for t in pointing]):.0f} tokens), "
+        f"{len(pointing)} pointing examples ({np.mean([len(t.input_ids) for t in pointing]):.0f} tokens) and "
+        f"{len(tool_pointing)} in the tool-call template, "
         f"built in {time.time() - start:.0f}s")
-    sft(cfg, model, tokenizer, image_processor, reading + pointing, rng, cfg.read_steps, cfg.read_batch_size,
-        cfg.read_learning_rate, log, name="reading+pointing ")
+    sft(cfg, model, tokenizer, image_processor, reading + pointing + tool_pointing, rng, cfg.read_steps,
+        cfg.read_batch_size, cfg.read_learning_rate, log, name="reading+pointing ")
     log(f"phase 1: {reads()}")
     start = time.time()
     convs, hits = make_conversations(cfg, tokenizer, image_processor, rng)
     log(f"phase 2: {len(convs)} conversations ({hits} boxing the red frame, the target), "
         f"{np.mean([len(t.input_ids) for t in convs]):.0f} tokens each, built in {time.time() - start:.0f}s")
-    tool_pointing = pointing[cfg.point_images:]
     mixed = reading[:cfg.mix_reading] + pointing[:cfg.mix_pointing] + tool_pointing[:cfg.mix_tool_pointing]
     log(f"phase 2: {cfg.mix_reading} reading, {cfg.mix_pointing} pointing and {cfg.mix_tool_pointing} tool-template "
         f"pointing examples mixed in")

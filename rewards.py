@@ -209,6 +209,18 @@ def extract_answer_tag(text: str) -> str | None:
     return contents[-1] if contents else None
 
 
+def unboxed(text: str) -> str:
+    """
+    The content of the last closed `\\boxed{}` in text, else text itself: models trained on boxed answers box them
+    inside other formats too.
+
+    >>> unboxed(r"\\boxed{B}"), unboxed("B"), unboxed(r"\\boxed{B")
+    ('B', 'B', '\\\\boxed{B')
+    """
+    boxed = extract_boxed(text)
+    return text if boxed is None else boxed
+
+
 def tool_accuracy_reward(text: str, answer: str, options: list[str] | None) -> float:
     """
     1.0 when the last <answer> in text holds the right answer (see `answer_matches`), else 0.0. Models trained
@@ -218,8 +230,7 @@ def tool_accuracy_reward(text: str, answer: str, options: list[str] | None) -> f
     1.0
     """
     pred = extract_answer_tag(text)
-    boxed = None if pred is None else extract_boxed(pred)
-    return float(answer_matches(pred if boxed is None else boxed, answer, options))
+    return float(answer_matches(None if pred is None else unboxed(pred), answer, options))
 
 
 def _tags_balanced(text: str) -> bool:

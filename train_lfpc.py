@@ -23,8 +23,8 @@ from config import parse_config
 from crop import box_area_ratio, coverage, iou
 from loop import TrainConfig, load_training_samples, setup, train_loop
 from resolution import UNCHANGED, apply_resolutions, format_report, level_report, select_resolutions
-from rewards import (extract_boxed, extract_choice, lfpc_format_reward, normalize_answer, score_crops, stage1_reward,
-                     tool_accuracy_reward, tool_bonus)
+from rewards import (extract_choice, lfpc_format_reward, normalize_answer, score_crops, stage1_reward,
+                     tool_accuracy_reward, tool_bonus, unboxed)
 from rollout import direct_answers, tool_rollout, visual_tokens
 
 STAGE_LEARNING_RATES = {1: 1e-6, 2: 5e-7}  # the paper's Table 12
@@ -75,8 +75,7 @@ def normalised_answer(text, sample):
     """The answer as something to compare: its option letter, or the normalised text. A `\\boxed{}` is unwrapped
     as the rewards do, so "C", "\\boxed{C}" and "\\boxed{checkerboard}" (option C's text) are one answer and
     resolution selection does not count a change of wrapping as a change of answer."""
-    boxed = extract_boxed(text)
-    text = text if boxed is None else boxed
+    text = unboxed(text)
     return extract_choice(text.strip(), sample.options) or normalize_answer(text)
 
 
