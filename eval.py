@@ -6,7 +6,8 @@
 
 `--data`: a V* Bench folder, an HR-Bench TSV, an MME-RealWorld JSON, our JSONL, or `synthetic` (the held-out
 split). `--mode`: `direct` (one turn, no crop), `mgpo` (the two-turn template) or `tool` (the LFPC tool loop).
-Decoding is greedy.
+Decoding is greedy; `--temperature T` samples instead (one draw per question, seeded by `--seed`), which shows
+what RL will explore from: a base whose greedy answer never crops the target may do so in a quarter of its samples.
 
 The protocol, printed with every result:
 - options are shuffled per question with a fixed seed (`--no_shuffle` reproduces unshuffled reports); HR-Bench is
@@ -15,6 +16,8 @@ The protocol, printed with every result:
 - the global view is resized under `--global_max_pixels` and every crop, cut from the original, under
   `--crop_max_pixels` (the LFPC paper's 1,024 vs 16,384 visual-token comparison is one flag);
 - a crop is scored against its best-matching ground-truth box (V* has one box per target, not nested boxes);
+- each run also splits the questions by their first crop's coverage of the ground truth (`by_first_crop`:
+  covers >= 0.9, partial, misses, no crop) with the share and accuracy of each: whether answers follow the crop;
 - `--probe gt|noise` runs the same questions twice, without and with the probe (the predicted crop replaced by
   the ground-truth box's crop, or by noise of the same size), and reports the accuracy change.
 """
@@ -53,7 +56,7 @@ class Config:
     num_synthetic: int = 32             # questions of the synthetic held-out split
     mode: str = "mgpo"                  # direct | mgpo | tool
     output_dir: str = "out/eval"
-    seed: int = 0                       # option shuffling
+    seed: int = 0                       # option shuffling, and torch's seed for --temperature sampling
     no_shuffle: bool = False
     probe: str = "none"                 # none | gt | noise (crop-reliance probes; runs with and without)
     save_vis: int = 0                   # pictures of the first N questions
@@ -67,13 +70,15 @@ class Config:
     max_turns: int = 5                  # tool mode
     max_response_tokens: int = 2048
     max_new_tokens_per_turn: int = 96
+    temperature: float = 0.0            # 0: greedy; > 0: sampled at this temperature
 
 
 def check_config(cfg):
     for ok, message in [(cfg.mode in MODES, f"--mode {cfg.mode!r}: use one of {', '.join(MODES)}"),
                         (cfg.probe in PROBES, f"--probe {cfg.probe!r}: use one of {', '.join(PROBES)}"),
                         (cfg.probe == "none" or cfg.mode != "direct", "--probe needs --mode mgpo or tool (crops)"),
-                        (cfg.batch_size >= 1, "--batch_size must be >= 1")]:
+                        (cfg.batch_size >= 1, "--batch_size must be >= 1"),
+                        (cfg.temperature >= 0, f"--temperature {cfg.temperature}: use 0 (greedy) or more")]:
         if not ok:
             raise SystemExit(f"error: {message}")
 
@@ -139,7 +144,7 @@ def record(traj, mode, seconds):
     return {"id": s.id, "group": s.meta.get("group", "all"), "cycle": s.meta.get("cycle_category"),
             "answer": s.answer, "correct": is_correct(traj, mode), "text": traj.texts[-1],
             "crops": len(traj.crop_boxes), "valid_box": traj.box_valid if mode == "mgpo" else None,
-            "tool_calls": traj.tool_calls,
+            "tool_calls": traj.tool_calls, "has_boxes": bool(gt),
             "iou": [max(iou(box, b) for b in gt) for box in traj.crop_boxes if gt],
             "coverage": [max(coverage(box, b) for b in gt) for box in traj.crop_boxes if gt],
             "area": [box_area_ratio(box, traj.original_size) for box in traj.crop_boxes],
@@ -200,7 +205,34 @@ def metrics(records):
             "crops_per_question": mean([r["crops"] for r in records]),
             "visual_tokens_per_question": mean([r["visual_tokens"] for r in records]),
             "seconds_per_question": mean([r["seconds"] for r in records]),
-            "answered_correctly": sum(r["correct"] for r in records)}
+            "answered_correctly": sum(r["correct"] for r in records),
+            "by_first_crop": by_first_crop(records)}
+
+
+# the LFPC paper's coverage threshold: a crop that covers 0.9 of the smallest box holds what answers the question
+COVERS = 0.9
+
+
+def first_crop_class(record):
+    """'covers', 'partial', 'misses' or 'no crop', from the first crop's best coverage of a ground-truth box."""
+    if not record["coverage"]:
+        return "no crop"
+    first = record["coverage"][0]
+    return "covers" if first >= COVERS else "partial" if first > 0 else "misses"
+
+
+def by_first_crop(records):
+    """{class: {"share", "accuracy"}} over the questions with ground-truth boxes (shares None without any).
+    E.g. four questions whose first crops cover 1.0 (right), 0.95 (wrong), 0.0 (wrong) and none (right): covers
+    share 0.5 accuracy 0.5, misses share 0.25 accuracy 0, no crop share 0.25 accuracy 1, partial share 0 accuracy
+    None."""
+    scored = [r for r in records if r["has_boxes"]]
+    out = {}
+    for name in ("covers", "partial", "misses", "no crop"):
+        mine = [r for r in scored if first_crop_class(r) == name]
+        out[name] = {"share": len(mine) / len(scored) if scored else None,
+                     "accuracy": mean([float(r["correct"]) for r in mine])}
+    return out
 
 
 def markdown(runs):
@@ -214,6 +246,8 @@ def markdown(runs):
     for name, m in runs.items():
         if isinstance(m, dict):
             lines.append(f"\n{name} per group: " + ", ".join(f"{g} {fmt(a)}" for g, a in m["per_group"].items()))
+            lines.append(f"{name} by first crop (share, accuracy): " + ", ".join(
+                f"{c} {fmt(v['share'])}, {fmt(v['accuracy'])}" for c, v in m["by_first_crop"].items()))
         else:
             lines.append(f"\n{name}: {fmt(m)}")
     return "\n".join(lines)
@@ -230,7 +264,9 @@ def evaluate(cfg):
     cfg.min_pixels = image_processor.size["shortest_edge"]
     cfg.global_max_pixels = cfg.global_max_pixels or image_processor.size["longest_edge"]
     cfg.crop_max_pixels = cfg.crop_max_pixels or cfg.global_max_pixels
-    cfg.temperature, cfg.do_sample = 1.0, False
+    cfg.do_sample = cfg.temperature > 0
+    torch.manual_seed(cfg.seed)
+    cfg.temperature = cfg.temperature or 1.0  # unused when greedy; the rollout's log-prob recorder divides by it
     samples = protocol_samples(load_questions(cfg), cfg)
     if cfg.probe == "gt" and any(not s.boxes for s in samples):
         raise SystemExit(f"error: --probe gt needs ground-truth boxes on every question of --data {cfg.data}")
@@ -255,7 +291,8 @@ def evaluate(cfg):
 def write_results(cfg, runs, records):
     protocol = {"mode": cfg.mode, "data": cfg.data, "shuffled_options": not cfg.no_shuffle, "seed": cfg.seed,
                 "global_max_pixels": cfg.global_max_pixels, "crop_max_pixels": cfg.crop_max_pixels,
-                "decoding": "greedy", "prompts": prompt_wording(cfg.mode)}
+                "decoding": f"sampled, temperature {cfg.temperature}" if cfg.do_sample else "greedy",
+                "prompts": prompt_wording(cfg.mode)}
     with open(os.path.join(cfg.output_dir, "results.json"), "w") as f:
         json.dump({"protocol": protocol, "config": asdict(cfg), "runs": runs, "records": records}, f, indent=1)
     table = markdown(runs)
@@ -267,5 +304,4 @@ def write_results(cfg, runs, records):
 
 if __name__ == "__main__":
     hf_logging.disable_progress_bar()
-    torch.manual_seed(0)
     evaluate(parse_config(Config, description=__doc__))

@@ -13,7 +13,8 @@ import rollout
 from config import parse_config
 from crop import crop_original, resize_for_model
 from data import Sample, synthetic_samples
-from eval import Config, accuracy, evaluate, protocol_samples, shuffle_options
+from eval import (Config, accuracy, by_first_crop, evaluate, first_crop_class, protocol_samples,
+                  shuffle_options)
 from tests.test_fsdp import torchrun
 
 FAST = ["--num_synthetic", "4", "--max_new_tokens", "8", "--max_new_tokens_turn1", "12", "--max_new_tokens_turn2",
@@ -98,7 +99,7 @@ def test_probe_run_reports_the_accuracy_change_and_pictures(probe, tmp_path):
 
 def test_bad_options_stop_with_their_name():
     for argv, flag in [(["--mode", "zoom"], "--mode"), (["--probe", "blur"], "--probe"),
-                       (["--mode", "direct", "--probe", "gt"], "--probe")]:
+                       (["--mode", "direct", "--probe", "gt"], "--probe"), (["--temperature", "-1"], "--temperature")]:
         with pytest.raises(SystemExit, match=flag):
             evaluate(parse_config(Config, argv))
 
@@ -111,3 +112,29 @@ def test_two_processes_give_the_same_answers_as_one(tmp_path):
     assert one["runs"]["unprobed"]["accuracy"] == two["runs"]["unprobed"]["accuracy"]
     strip = lambda rs: [(r["id"], r["text"], r["correct"]) for r in rs]
     assert strip(one["records"]["unprobed"]) == strip(two["records"]["unprobed"])
+
+
+def test_answers_are_split_by_their_first_crops_coverage():
+    def rec(coverages, correct, has_boxes=True):
+        return {"coverage": coverages, "correct": correct, "has_boxes": has_boxes}
+    # the docstring's example, plus a question without ground truth (left out) and a second crop that is ignored
+    records = [rec([1.0], True), rec([0.95, 0.0], False), rec([0.0, 1.0], False), rec([], True), rec([], False, False)]
+    split = by_first_crop(records)
+    assert split["covers"] == {"share": 0.5, "accuracy": 0.5}
+    assert split["misses"] == {"share": 0.25, "accuracy": 0.0}
+    assert split["no crop"] == {"share": 0.25, "accuracy": 1.0}
+    assert split["partial"] == {"share": 0.0, "accuracy": None}
+    assert first_crop_class(rec([0.5], True)) == "partial" and first_crop_class(rec([0.89], True)) == "partial"
+    assert by_first_crop([rec([], True, False)])["covers"] == {"share": None, "accuracy": None}
+
+
+def test_sampled_decoding_is_seeded_and_says_so(tmp_path):
+    texts = {}
+    for name, extra in [("greedy", []), ("sampled", ["--temperature", "1.0"]), ("again", ["--temperature", "1.0"])]:
+        out = tmp_path / name
+        evaluate(parse_config(Config, FAST + ["--mode", "mgpo", "--output_dir", str(out)] + extra))
+        result = json.loads((out / "results.json").read_text())
+        texts[name] = [r["text"] for r in result["records"]["unprobed"]]
+        assert result["protocol"]["decoding"] == ("greedy" if name == "greedy" else "sampled, temperature 1.0")
+    assert texts["sampled"] == texts["again"]  # --seed fixes the draws
+    assert texts["sampled"] != texts["greedy"]  # the untrained tiny model's samples are not its argmax
