@@ -17,7 +17,7 @@ The protocol, printed with every result:
   `--crop_max_pixels` (the LFPC paper's 1,024 vs 16,384 visual-token comparison is one flag);
 - a crop is scored against its best-matching ground-truth box (V* has one box per target, not nested boxes);
 - each run also splits the questions by their first crop's coverage of the ground truth (`by_first_crop`:
-  covers >= 0.9, partial, misses, no crop) with the share and accuracy of each: whether answers follow the crop;
+  covers > 0.9, partial, misses, no crop) with the share and accuracy of each: whether answers follow the crop;
 - `--probe gt|noise` runs the same questions twice, without and with the probe (the predicted crop replaced by
   the ground-truth box's crop, or by noise of the same size), and reports the accuracy change.
 """
@@ -39,7 +39,7 @@ from data import LETTERS, load_image, read_benchmark, synthetic_samples
 from distributed import setup_distributed
 from model import default_device, load_policy
 from pictures import save_picture, trajectory_picture
-from rewards import accuracy_reward, answer_matches, tool_accuracy_reward
+from rewards import COVERAGE_THRESHOLD, accuracy_reward, answer_matches, tool_accuracy_reward
 from rollout import (DIRECT_PROMPT, DIRECT_SYSTEM, MGPO_PROMPTS, TOOL_PROMPTS, direct_rollout, mgpo_rollout,
                      tool_rollout, visual_tokens)
 from tiny import resolve_model_path
@@ -209,16 +209,12 @@ def metrics(records):
             "by_first_crop": by_first_crop(records)}
 
 
-# the LFPC paper's coverage threshold: a crop that covers 0.9 of the smallest box holds what answers the question
-COVERS = 0.9
-
-
 def first_crop_class(record):
-    """'covers', 'partial', 'misses' or 'no crop', from the first crop's best coverage of a ground-truth box."""
+    """'covers' (past LFPC's coverage gate), 'partial', 'misses' or 'no crop', from the first crop's best coverage."""
     if not record["coverage"]:
         return "no crop"
     first = record["coverage"][0]
-    return "covers" if first >= COVERS else "partial" if first > 0 else "misses"
+    return "covers" if first > COVERAGE_THRESHOLD else "partial" if first > 0 else "misses"
 
 
 def by_first_crop(records):

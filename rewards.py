@@ -286,8 +286,12 @@ def stage1_reward(acc: float, fmt: float, tool: float,
     return acc_weight * acc + format_weight * fmt + tool_weight * tool
 
 
+# The LFPC paper's coverage gate: a crop covering more than this of B1 holds what answers the question
+COVERAGE_THRESHOLD = 0.9
+
+
 def grounding_reward(pred: list[float] | None, gt_boxes: list[list[float]], size: tuple[float, float],
-                     iou_weight: float, coverage_threshold: float = 0.9) -> dict[str, float]:
+                     iou_weight: float, coverage_threshold: float = COVERAGE_THRESHOLD) -> dict[str, float]:
     """
     LFPC stage II grounding reward of one predicted box. All boxes are in ORIGINAL pixels, gt_boxes nested and
     smallest first (B1 = gt_boxes[0] is the least region that answers the question), size = (W, H) of the original.

@@ -23,8 +23,8 @@ from config import parse_config
 from crop import box_area_ratio, coverage, iou
 from loop import TrainConfig, load_training_samples, setup, train_loop
 from resolution import UNCHANGED, apply_resolutions, format_report, level_report, select_resolutions
-from rewards import (extract_choice, lfpc_format_reward, normalize_answer, score_crops, stage1_reward,
-                     tool_accuracy_reward, tool_bonus, unboxed)
+from rewards import (COVERAGE_THRESHOLD, extract_choice, lfpc_format_reward, normalize_answer, score_crops,
+                     stage1_reward, tool_accuracy_reward, tool_bonus, unboxed)
 from rollout import direct_answers, tool_rollout, visual_tokens
 
 STAGE_LEARNING_RATES = {1: 1e-6, 2: 5e-7}  # the paper's Table 12
@@ -46,7 +46,7 @@ class Config(TrainConfig):
     # stage-2 grounding reward (paper section 4.2); weight and iou_weight are not given in the paper
     grounding_weight: float = 1.0       # r = stage-1 reward + grounding_weight * r_geo
     iou_weight: float = 0.5             # r_geo = iou_weight * r_iou + (1 - iou_weight) * r_l1
-    coverage_threshold: float = 0.9     # r_iou only when the crop covers more than this of the smallest box
+    coverage_threshold: float = COVERAGE_THRESHOLD  # 0.9: r_iou only past this coverage of the smallest box
     grounding_crop: str = "last"        # which crop is scored: 'last' valid crop, or 'best' (highest r_geo)
     # offline resolution selection (the information gap, stage 1; stage 2 only with --info_gap_stage2 true)
     resolution_factor: float = 2.0      # each ladder level divides both sides by this
