@@ -262,7 +262,6 @@ def evaluate(cfg):
     cfg.crop_max_pixels = cfg.crop_max_pixels or cfg.global_max_pixels
     cfg.do_sample = cfg.temperature > 0
     torch.manual_seed(cfg.seed)
-    cfg.temperature = cfg.temperature or 1.0  # unused when greedy; the rollout's log-prob recorder divides by it
     samples = protocol_samples(load_questions(cfg), cfg)
     if cfg.probe == "gt" and any(not s.boxes for s in samples):
         raise SystemExit(f"error: --probe gt needs ground-truth boxes on every question of --data {cfg.data}")

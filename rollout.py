@@ -305,7 +305,7 @@ def generate_turn(model, tokenizer, batch, max_new_tokens, temperature=1.0, stop
                               repetition_penalty=1.0, max_new_tokens=max_new_tokens,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                               suppress_tokens=forbidden_token_ids(tokenizer), return_dict_in_generate=True)
-    recorder = LogProbRecorder(temperature)
+    recorder = LogProbRecorder(temperature if do_sample else 1.0)  # greedy: the model's own distribution
     prompt_len = batch["input_ids"].shape[1]
     stop = [StopAtPattern(tokenizer, prompt_len, stop_pattern)] if stop_pattern else []
     synced = world() > 1  # FSDP: every rank runs every decoding step

@@ -136,5 +136,6 @@ def test_sampled_decoding_is_seeded_and_says_so(tmp_path):
         result = json.loads((out / "results.json").read_text())
         texts[name] = [r["text"] for r in result["records"]["unprobed"]]
         assert result["protocol"]["decoding"] == ("greedy" if name == "greedy" else "sampled, temperature 1.0")
+        assert result["config"]["temperature"] == (0.0 if name == "greedy" else 1.0)  # as given on the command line
     assert texts["sampled"] == texts["again"]  # --seed fixes the draws
     assert texts["sampled"] != texts["greedy"]  # the untrained tiny model's samples are not its argmax
