@@ -103,7 +103,11 @@ and sampled tool calls held the frame 0.12 of the time (this base: 0.02), but re
 format broke in 0.68 of the sampled tool episodes (no valid crop; this base 0.82). Yet LFPC stage I (README's
 `$LFPC`) from that one learned where to crop, as from no other base: held-out 0.14 -> 0.44, IoU 0.15 -> 0.40,
 coverage 0.28 -> 0.71, crop area 0.096 -> 0.068 (stage II then: IoU 0.43, coverage 0.88, area 0.095). A base with
-its tool template and this base's reading is the way to the LFPC target; neither schedule gave both.
+its tool template and this base's reading is the way to the LFPC target; neither schedule gave both. (8) The second
+schedule with `--read_images 1500 --read_steps 3000` (about 115 minutes): reading 0.92 after phase 4, but the greedy
+turn 1 names the red frame 64 times in 64 in both templates (MGPO: boxes of 0.56 of the image, accuracy 0.25), 0.69
+of the sampled tool episodes end without a valid crop, and LFPC stage I from it learned to crop the whole image
+(area 0.19 -> 1.00, accuracy 0.00 -> 0.25).
 """
 
 import math
