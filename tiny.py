@@ -47,6 +47,8 @@ TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num
 TINY_VOCAB = 1024
 TINY_MIN_PIXELS, TINY_MAX_PIXELS = 28 * 28, 224 * 224
 TINY_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "tiny-base")
+TINY_TOOL_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "tiny-tool-base")
+COMMITTED = {"tiny-base": (TINY_BASE, "make_base.py"), "tiny-tool-base": (TINY_TOOL_BASE, "make_tool_base.py")}
 
 
 def tokenizer_corpus():
@@ -98,13 +100,13 @@ def build_tiny(path, seed=0):
 
 
 def resolve_model_path(name, workdir):
-    """`tiny` -> a freshly built tiny checkpoint under `workdir` (built once by rank 0); `tiny-base` -> the CPU
-    demo's committed base (make_base.py); otherwise `name` itself."""
-    if name == "tiny-base":
-        if not os.path.exists(os.path.join(TINY_BASE, "config.json")):
-            raise SystemExit(f"error: --model tiny-base: no checkpoint at {TINY_BASE}; rebuild it with "
-                             "`python make_base.py`")
-        return TINY_BASE
+    """`tiny` -> a freshly built tiny checkpoint under `workdir` (built once by rank 0); `tiny-base` and
+    `tiny-tool-base` -> the CPU demo's committed bases (make_base.py, make_tool_base.py); otherwise `name` itself."""
+    if name in COMMITTED:
+        path, script = COMMITTED[name]
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise SystemExit(f"error: --model {name}: no checkpoint at {path}; rebuild it with `python {script}`")
+        return path
     if name != "tiny":
         return name
     path = os.path.join(workdir, "tiny-init")
