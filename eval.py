@@ -51,7 +51,7 @@ HELD_OUT_SEED = 1_000_003  # the synthetic held-out split: a seed no training ru
 
 @dataclass
 class Config:
-    model: str = "tiny"                 # 'tiny' or a local checkpoint directory
+    model: str = "tiny"                 # 'tiny', 'tiny-base', 'tiny-tool-base' or a local checkpoint directory
     data: str = "synthetic"             # benchmark path (V* folder, HR-Bench .tsv, MME-RealWorld .json, .jsonl)
     num_synthetic: int = 32             # questions of the synthetic held-out split
     mode: str = "mgpo"                  # direct | mgpo | tool

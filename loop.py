@@ -32,7 +32,7 @@ from tiny import resolve_model_path
 
 @dataclass
 class TrainConfig:
-    model: str = "tiny"                 # 'tiny' or a local Qwen2.5-VL checkpoint directory
+    model: str = "tiny"                 # "tiny", "tiny-base", "tiny-tool-base" or a local Qwen2.5-VL checkpoint
     data: str = "synthetic"             # 'synthetic' or a JSONL of samples (DESIGN.md)
     num_synthetic: int = 256            # samples generated for --data synthetic
     output_dir: str = "out/run"

@@ -15,6 +15,7 @@ from crop import box_area_ratio, coverage, iou
 from loop import TrainConfig, load_training_samples, setup, train_loop
 from rewards import accuracy_reward, mgpo_format_ok
 from rollout import direct_rollout, mgpo_rollout
+from tiny import COMMITTED
 
 
 @dataclass
@@ -70,7 +71,7 @@ def mgpo_step(ctx, cfg, prompts):
 
 
 def train(cfg):
-    if cfg.model not in ("tiny", "tiny-base") and cfg.learning_rate > 1e-5:
+    if cfg.model != "tiny" and cfg.model not in COMMITTED and cfg.learning_rate > 1e-5:
         print(f"note: --learning_rate {cfg.learning_rate:g} is the tiny demo's; MGPO used 1e-6 for Qwen2.5-VL-7B")
     ctx = setup(cfg)
     samples = load_training_samples(cfg, ctx.rank)
