@@ -23,7 +23,7 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
-from config import parse_config
+from config import opt, parse_config
 from data import synthetic_samples
 from grpo import gather_logprobs, grpo_update, training_batch
 from model import default_device, load_policy
@@ -38,15 +38,15 @@ QWEN_VOCAB = 151_936
 
 @dataclass
 class Config:
-    quick: bool = False              # tiny model only, no scaling table
-    repeats: int = 3                 # runs per figure (the median is reported)
-    prompts: int = 4                 # prompts per rollout batch
-    num_generations: int = 4
-    max_new_tokens_turn1: int = 32
-    max_new_tokens_turn2: int = 32
-    global_tokens: int = 64          # visual tokens of the global view (x 28*28 pixels)
-    logprob_tokens: int = 2048       # tokens of the log-prob memory comparison (8 x 4096 on CUDA)
-    output: str = "bench.json"
+    quick: bool = opt(False, "tiny model only, no scaling table")
+    repeats: int = opt(3, "runs per figure (the median is reported)")
+    prompts: int = opt(4, "prompts per rollout batch")
+    num_generations: int = opt(4, "rollouts per prompt")
+    max_new_tokens_turn1: int = opt(32, "MGPO turn 1 (the box)")
+    max_new_tokens_turn2: int = opt(32, "MGPO turn 2 (the answer)")
+    global_tokens: int = opt(64, "visual tokens of the global view (x 28*28 pixels)")
+    logprob_tokens: int = opt(2048, "tokens of the log-prob memory comparison (8 x 4096 on CUDA)")
+    output: str = opt("bench.json", "where the figures are written (JSON)")
 
 
 def median_seconds(fn, repeats, device):

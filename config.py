@@ -1,36 +1,61 @@
-"""Command-line overrides for a training script's config dataclass: `--key value` for every field, `--help` lists
-them with their defaults.
+"""Command lines and recipe files for a script's config dataclass, through transformers' `HfArgumentParser`.
+
+Every field is declared with `opt(default, help)`, so `--help` lists each option with its help text and default.
+A recipe file (YAML or JSON, `--config recipes/mgpo_qwen2_5_vl_7b.yaml`) sets defaults; flags on the command line
+override it:
 
     >>> @dataclass
     ... class Config:
-    ...     learning_rate: float = 1e-6
-    ...     use_kl: bool = False
+    ...     learning_rate: float = opt(1e-6, "AdamW learning rate")
+    ...     use_kl: bool = opt(False, "add the KL term")
     >>> parse_config(Config, ["--learning_rate", "3e-6", "--use_kl"])
     Config(learning_rate=3e-06, use_kl=True)
 """
 
 import argparse
 import dataclasses
+import os
+
+import yaml
+from transformers import HfArgumentParser
 
 
-def parse_bool(text):
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes"):
-        return True
-    if lowered in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+def opt(default, help):
+    """A config field with its default and the help text `--help` prints."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each option's help, and the script's docstring as written (not reflowed)."""
+
+
+def read_recipe(path, cls):
+    """{field: value} of a YAML or JSON recipe file; an unknown key or an unreadable file stops the run."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --config {path!r}: no such file")
+    with open(path) as f:
+        try:
+            recipe = yaml.safe_load(f) or {}  # JSON is YAML too
+        except yaml.YAMLError as e:
+            raise SystemExit(f"error: --config {path!r}: not valid YAML or JSON ({e})")
+    if not isinstance(recipe, dict):
+        raise SystemExit(f"error: --config {path!r}: expected a mapping of option: value")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(recipe) - names)
+    if unknown:
+        raise SystemExit(f"error: --config {path!r}: unknown option(s) {', '.join(unknown)}")
+    return recipe
 
 
 def parse_config(cls, argv=None, description=None):
-    """An instance of dataclass `cls` with fields overridden from `argv`; unknown or malformed flags stop with
-    argparse's message naming the flag."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        if f.type in (bool, "bool"):  # `--resume` alone means true; `--resume false` also works
-            parser.add_argument(f"--{f.name}", type=parse_bool, nargs="?", const=True, default=f.default, help=" ")
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=" ")
-    return cls(**vars(parser.parse_args(argv)))
+    """An instance of dataclass `cls`: its defaults, then the `--config` recipe file's values, then the command
+    line's flags. Unknown or malformed flags stop with argparse's message naming the flag."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default="")
+    known, _ = pre.parse_known_args(argv)
+    parser = HfArgumentParser(cls, description=description, formatter_class=HelpFormatter, allow_abbrev=False)
+    parser.add_argument("--config", default="", help="a recipe file (YAML or JSON) of option: value; flags override it")
+    if known.config:
+        parser.set_defaults(**read_recipe(known.config, cls))
+    args = vars(parser.parse_args(argv))
+    return cls(**{f.name: args[f.name] for f in dataclasses.fields(cls)})

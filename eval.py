@@ -33,7 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-from config import parse_config
+from config import opt, parse_config
 from crop import box_area_ratio, coverage, iou
 from data import LETTERS, load_image, read_benchmark, synthetic_samples
 from distributed import setup_distributed
@@ -51,26 +51,26 @@ HELD_OUT_SEED = 1_000_003  # the synthetic held-out split: a seed no training ru
 
 @dataclass
 class Config:
-    model: str = "tiny"                 # 'tiny', 'tiny-base', 'tiny-tool-base' or a local checkpoint directory
-    data: str = "synthetic"             # benchmark path (V* folder, HR-Bench .tsv, MME-RealWorld .json, .jsonl)
-    num_synthetic: int = 32             # questions of the synthetic held-out split
-    mode: str = "mgpo"                  # direct | mgpo | tool
-    output_dir: str = "out/eval"
-    seed: int = 0                       # option shuffling, and torch's seed for --temperature sampling
-    no_shuffle: bool = False
-    probe: str = "none"                 # none | gt | noise (crop-reliance probes; runs with and without)
-    save_vis: int = 0                   # pictures of the first N questions
-    limit: int = 0                      # evaluate only the first N questions (0: all)
-    batch_size: int = 8                 # questions per generate call
-    global_max_pixels: int = 0          # 0: the checkpoint's image processor's max_pixels
-    crop_max_pixels: int = 0            # 0: same as the global view's
-    max_new_tokens: int = 64            # direct mode
-    max_new_tokens_turn1: int = 64      # mgpo mode
-    max_new_tokens_turn2: int = 64
-    max_turns: int = 5                  # tool mode
-    max_response_tokens: int = 2048
-    max_new_tokens_per_turn: int = 96
-    temperature: float = 0.0            # 0: greedy; > 0: sampled at this temperature
+    model: str = opt("tiny", "'tiny', 'tiny-base', 'tiny-tool-base' or a local checkpoint directory")
+    data: str = opt("synthetic", "benchmark path (V* folder, HR-Bench .tsv, MME-RealWorld .json, .jsonl)")
+    num_synthetic: int = opt(32, "questions of the synthetic held-out split")
+    mode: str = opt("mgpo", "direct | mgpo | tool")
+    output_dir: str = opt("out/eval", "where results.json, results.md and pictures go")
+    seed: int = opt(0, "option shuffling, and torch's seed for --temperature sampling")
+    no_shuffle: bool = opt(False, "keep the benchmark's option order")
+    probe: str = opt("none", "none | gt | noise (crop-reliance probes; runs with and without)")
+    save_vis: int = opt(0, "pictures of the first N questions")
+    limit: int = opt(0, "evaluate only the first N questions (0: all)")
+    batch_size: int = opt(8, "questions per generate call")
+    global_max_pixels: int = opt(0, "0: the checkpoint's image processor's max_pixels")
+    crop_max_pixels: int = opt(0, "0: same as the global view's")
+    max_new_tokens: int = opt(64, "direct mode")
+    max_new_tokens_turn1: int = opt(64, "mgpo mode")
+    max_new_tokens_turn2: int = opt(64, "mgpo mode: the answer turn")
+    max_turns: int = opt(5, "tool mode")
+    max_response_tokens: int = opt(2048, "tool mode: sampled tokens per episode, all turns together")
+    max_new_tokens_per_turn: int = opt(96, "tool mode: per assistant turn")
+    temperature: float = opt(0.0, "0: greedy; > 0: sampled at this temperature")
 
 
 def check_config(cfg):

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from checkpoint import latest_checkpoint, remove_partial, resume, save_checkpoint
+from config import opt
 from data import batches, load_samples, shard
 from distributed import all_reduce_sum, setup_distributed
 from grpo import group_advantages, grpo_update
@@ -32,37 +33,41 @@ from tiny import resolve_model_path
 
 @dataclass
 class TrainConfig:
-    model: str = "tiny"                 # "tiny", "tiny-base", "tiny-tool-base" or a local Qwen2.5-VL checkpoint
-    data: str = "synthetic"             # 'synthetic' or a JSONL of samples (DESIGN.md)
-    num_synthetic: int = 256            # samples generated for --data synthetic
-    output_dir: str = "out/run"
-    max_steps: int = 10
-    batch_size: int = 4                 # prompts per step, over all ranks
-    num_generations: int = 4            # rollouts per prompt (the GRPO group)
-    learning_rate: float = 1e-6
-    weight_decay: float = 0.0
-    seed: int = 0
-    temperature: float = 1.0
-    global_max_pixels: int = 0          # pixel budget of the global view; 0: the checkpoint's image processor's
-    crop_max_pixels: int = 0            # pixel budget of each crop; 0: same as the global view's
-    mini_batch_size: int = 0            # trajectories per optimizer step per rank; 0: the whole rollout batch
-    micro_batch_size: int = 4           # trajectories per forward/backward per rank
-    ppo_epochs: int = 1                 # passes over each rollout batch
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
-    kl_coef: float = 0.0                # k3 KL to the initial policy; the reference is only built when > 0
-    loss_agg: str = "token_mean"        # 'token_mean' over the global batch, or 'seq_mean'
-    scale_by_std: bool = True           # False: Dr.GRPO advantages (no division by the group std)
-    max_grad_norm: float = 1.0
-    save_steps: int = 0                 # save a checkpoint every N steps (0: only at the end)
-    save_total_limit: int = 0           # keep only the newest N checkpoints (0: keep all)
-    resume: bool = False                # continue from the newest complete checkpoint in output_dir
-    max_nonfinite_steps: int = 3        # stop after this many steps in a row whose update was non-finite
-    skip_bad_samples: bool = False      # skip (and count) unusable samples instead of stopping before training
-    eval_samples: int = 0               # held-out questions answered before and after training (report.py); 0: none
-    eval_data: str = ""                 # their benchmark file; '': the synthetic held-out split (--data synthetic)
-    eval_batch_size: int = 16
-    eval_pictures: int = 4              # trajectory pictures of the first N held-out questions, before and after
+    model: str = opt("tiny", "'tiny', 'tiny-base', 'tiny-tool-base' or a local Qwen2.5-VL checkpoint")
+    data: str = opt("synthetic", "'synthetic' or a JSONL of samples (DESIGN.md)")
+    num_synthetic: int = opt(256, "samples generated for --data synthetic")
+    output_dir: str = opt("out/run", "where checkpoints, metrics.jsonl and reports go")
+    max_steps: int = opt(10, "GRPO steps (rollout batches)")
+    batch_size: int = opt(4, "prompts per step, over all ranks")
+    num_generations: int = opt(4, "rollouts per prompt (the GRPO group)")
+    learning_rate: float = opt(1e-6, "AdamW learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    seed: int = opt(0, "data order and sampling (each rank adds its rank)")
+    temperature: float = opt(1.0, "sampling temperature of the rollouts (and of the log-probs trained on)")
+    global_max_pixels: int = opt(0, "pixel budget of the global view; 0: the checkpoint's image processor's")
+    crop_max_pixels: int = opt(0, "pixel budget of each crop; 0: same as the global view's")
+    mini_batch_size: int = opt(0, "trajectories per optimizer step per rank; 0: the whole rollout batch")
+    micro_batch_size: int = opt(4, "trajectories per forward/backward per rank")
+    ppo_epochs: int = opt(1, "passes over each rollout batch")
+    rollout_batch_size: int = opt(0, "at most N trajectories per generate call on each rank; 0: all in one call")
+    gradient_checkpointing: bool = opt(False, "recompute decoder layers and vision blocks in backward (saves memory)")
+    freeze_vision_tower: bool = opt(False, "train the language model only (verl's name)")
+    attn_implementation: str = opt("sdpa", "passed to from_pretrained: 'sdpa', 'eager' or 'flash_attention_2'")
+    clip_eps_low: float = opt(0.2, "PPO clip: the ratio is clipped below at 1 - clip_eps_low")
+    clip_eps_high: float = opt(0.2, "PPO clip: the ratio is clipped above at 1 + clip_eps_high")
+    kl_coef: float = opt(0.0, "k3 KL to the initial policy; the reference is only built when > 0")
+    loss_agg: str = opt("token_mean", "'token_mean' over the global batch, or 'seq_mean'")
+    scale_by_std: bool = opt(True, "False: Dr.GRPO advantages (no division by the group std)")
+    max_grad_norm: float = opt(1.0, "gradient norm clip per optimizer step")
+    save_steps: int = opt(0, "save a checkpoint every N steps (0: only at the end)")
+    save_total_limit: int = opt(0, "keep only the newest N checkpoints (0: keep all)")
+    resume: bool = opt(False, "continue from the newest complete checkpoint in output_dir")
+    max_nonfinite_steps: int = opt(3, "stop after this many steps in a row whose update was non-finite")
+    skip_bad_samples: bool = opt(False, "skip (and count) unusable samples instead of stopping before training")
+    eval_samples: int = opt(0, "held-out questions answered before and after training (report.py); 0: none")
+    eval_data: str = opt("", "their benchmark file; '': the synthetic held-out split (--data synthetic)")
+    eval_batch_size: int = opt(16, "held-out questions per generate call")
+    eval_pictures: int = opt(4, "trajectory pictures of the first N held-out questions, before and after")
 
 
 def check_config(cfg, world_size, extra=()):

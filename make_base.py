@@ -121,7 +121,7 @@ from tokenizers import AddedToken
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from config import parse_config
+from config import opt, parse_config
 from crop import coverage, resize_for_model, to_original
 from data import format_choices, load_image, synthetic_samples
 from grpo import training_batch
@@ -133,56 +133,56 @@ from tiny import SPECIAL_TOKENS, TINY_BASE, TINY_MAX_PIXELS, TINY_MIN_PIXELS, bu
 
 @dataclass
 class Config:
-    output_dir: str = TINY_BASE          # checkpoints/tiny-base next to this file
-    seed: int = 0                       # weights, examples, batches: same seed, same checkpoint
-    data_seed: int = 4242               # synthetic images of the SFT set (train_mgpo uses 0, eval 1000003)
-    num_images: int = 1200              # synthetic images; each gives `convs_per_image` conversations
-    convs_per_image: int = 2
-    tool_fraction: float = 0.25         # share of conversations in the tool-call template (the rest MGPO)
-    direct_fraction: float = 0.15       # images that also get a single-turn conversation (the GRPO baseline's)
-    box_sides: str = "42,56"            # sides of the turn-1 boxes, global-view pixels (1.5-2x a frame)
-    box_grid: int = 14                  # their positions are multiples of this (half a visual token)
-    global_max_pixels: int = TINY_MAX_PIXELS  # 224 x 224: 64 visual tokens, the pattern averages to grey
-    crop_max_pixels: int = TINY_MAX_PIXELS    # a 56-px box is 224 original px, shown at full resolution
+    output_dir: str = opt(TINY_BASE, "checkpoints/tiny-base next to this file")
+    seed: int = opt(0, "weights, examples, batches: same seed, same checkpoint")
+    data_seed: int = opt(4242, "synthetic images of the SFT set (train_mgpo uses 0, eval 1000003)")
+    num_images: int = opt(1200, "synthetic images; each gives `convs_per_image` conversations")
+    convs_per_image: int = opt(2, "conversations per synthetic image")
+    tool_fraction: float = opt(0.25, "share of conversations in the tool-call template (the rest MGPO)")
+    direct_fraction: float = opt(0.15, "images that also get a single-turn conversation (the GRPO baseline's)")
+    box_sides: str = opt("42,56", "sides of the turn-1 boxes, global-view pixels (1.5-2x a frame)")
+    box_grid: int = opt(14, "their positions are multiples of this (half a visual token)")
+    global_max_pixels: int = opt(TINY_MAX_PIXELS, "224 x 224: 64 visual tokens, the pattern averages to grey")
+    crop_max_pixels: int = opt(TINY_MAX_PIXELS, "a 56-px box is 224 original px, shown at full resolution")
     # phase 1, reading
-    read_images: int = 500              # synthetic images (seed data_seed + 1); each gives `read_crops_per_image`
-    read_crops_per_image: int = 4
-    read_crop_sides: str = "112,224"    # crop side range in original pixels (always holding the whole target)
-    point_images: int = 2400            # pointing examples (phase 1, and mixed into phase 2)
-    tool_pointing: int = 0              # the same asked in the tool-call template (images of seed data_seed + 4)
-    read_steps: int = 1200
-    read_held_out: int = 25             # images (seed data_seed + 3) whose crops measure reading after each phase
-    read_batch_size: int = 32
-    read_learning_rate: float = 3e-3
+    read_images: int = opt(500, "synthetic images (seed data_seed + 1); each gives `read_crops_per_image`")
+    read_crops_per_image: int = opt(4, "reading examples per image")
+    read_crop_sides: str = opt("112,224", "crop side range in original pixels (always holding the whole target)")
+    point_images: int = opt(2400, "pointing examples (phase 1, and mixed into phase 2)")
+    tool_pointing: int = opt(0, "the same asked in the tool-call template (images of seed data_seed + 4)")
+    read_steps: int = opt(1200, "phase-1 optimizer steps")
+    read_held_out: int = opt(25, "images (seed data_seed + 3) whose crops measure reading after each phase")
+    read_batch_size: int = opt(32, "phase-1 batch size")
+    read_learning_rate: float = opt(3e-3, "phase-1 learning rate")
     # phase 2, formats
-    mix_reading: int = 800              # phase-1 examples mixed into the phase-2 set (own batches) to keep reading
-    mix_pointing: int = 800             # the same for pointing
-    mix_tool_pointing: int = 0          # the same for pointing in the tool-call template
-    steps: int = 800                    # optimizer steps (about 1/4 of them on the mixed-in reading examples)
-    batch_size: int = 16
-    learning_rate: float = 1e-3
+    mix_reading: int = opt(800, "phase-1 examples mixed into the phase-2 set (own batches) to keep reading")
+    mix_pointing: int = opt(800, "the same for pointing")
+    mix_tool_pointing: int = opt(0, "the same for pointing in the tool-call template")
+    steps: int = opt(800, "optimizer steps (about 1/4 of them on the mixed-in reading examples)")
+    batch_size: int = opt(16, "phase-2 batch size")
+    learning_rate: float = opt(1e-3, "phase-2 learning rate")
     # phase 3, reading again with the language model frozen (batch size read_batch_size)
-    vision_steps: int = 3000
-    vision_learning_rate: float = 1e-3
-    vision_convs: int = 1600            # phase-2 conversations mixed in, so that turn 1 reads the image as before
+    vision_steps: int = opt(3000, "phase-3 optimizer steps")
+    vision_learning_rate: float = opt(1e-3, "phase-3 learning rate")
+    vision_convs: int = opt(1600, "phase-2 conversations mixed in, so that turn 1 reads the image as before")
     # phase 4, phase 2's data again (fresh conversations) for the whole model, so turn 2 follows the vision tower
-    readout_steps: int = 300
-    readout_learning_rate: float = 1e-4
-    warmup_steps: int = 30
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    readout_steps: int = opt(300, "phase-4 optimizer steps")
+    readout_learning_rate: float = opt(1e-4, "phase-4 learning rate")
+    warmup_steps: int = opt(30, "linear warm-up steps of each phase")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient norm clip")
     # model shape (text hidden size = vision out_hidden_size)
-    hidden_size: int = 96
-    intermediate_size: int = 192
-    num_layers: int = 3
-    num_heads: int = 3                  # head_dim = hidden_size / num_heads
-    num_kv_heads: int = 1
-    rope_theta: float = 500.0
-    mrope_section: str = "1,3,12"        # temporal, height, width; sums to head_dim / 2
-    vision_hidden_size: int = 64
-    vision_depth: int = 2
-    log_every: int = 25
-    num_threads: int = 1                # torch threads; 1 is fastest on a small shared CPU (see the report)
+    hidden_size: int = opt(96, "text hidden size (= the vision tower's out_hidden_size)")
+    intermediate_size: int = opt(192, "text MLP width")
+    num_layers: int = opt(3, "decoder layers")
+    num_heads: int = opt(3, "head_dim = hidden_size / num_heads")
+    num_kv_heads: int = opt(1, "key/value heads")
+    rope_theta: float = opt(500.0, "rotary base")
+    mrope_section: str = opt("1,3,12", "temporal, height, width; sums to head_dim / 2")
+    vision_hidden_size: int = opt(64, "vision tower width")
+    vision_depth: int = opt(2, "vision blocks")
+    log_every: int = opt(25, "print the loss every N steps")
+    num_threads: int = opt(1, "torch threads; 1 is fastest on a small shared CPU (see the report)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,23 +22,23 @@ from dataclasses import dataclass, replace
 import torch
 
 import make_base
-from config import parse_config
+from config import opt, parse_config
 from model import load_policy, save_policy
 from tiny import TINY_BASE, TINY_MIN_PIXELS, TINY_TOOL_BASE
 
 
 @dataclass
 class Config:
-    base: str = TINY_BASE               # checkpoints/tiny-base
-    output_dir: str = TINY_TOOL_BASE    # checkpoints/tiny-tool-base
-    seed: int = 0                       # the conversations' and batches' random streams (seed + 5, seed + 6)
-    data_seed: int = 4247               # synthetic images: make_base's data_seed + 5, unused by the base
-    num_images: int = 800               # each gives make_base's convs_per_image (2) tool conversations
-    steps: int = 600
-    batch_size: int = 16
-    learning_rate: float = 3e-4
-    warmup_steps: int = 30
-    num_threads: int = 1                # torch threads; 1 is fastest on a small shared CPU
+    base: str = opt(TINY_BASE, "checkpoints/tiny-base")
+    output_dir: str = opt(TINY_TOOL_BASE, "checkpoints/tiny-tool-base")
+    seed: int = opt(0, "the conversations' and batches' random streams (seed + 5, seed + 6)")
+    data_seed: int = opt(4247, "synthetic images: make_base's data_seed + 5, unused by the base")
+    num_images: int = opt(800, "each gives make_base's convs_per_image (2) tool conversations")
+    steps: int = opt(600, "optimizer steps")
+    batch_size: int = opt(16, "conversations per step")
+    learning_rate: float = opt(3e-4, "learning rate")
+    warmup_steps: int = opt(30, "linear warm-up steps")
+    num_threads: int = opt(1, "torch threads; 1 is fastest on a small shared CPU")
 
 
 def make_tool_base(cfg, log=print):

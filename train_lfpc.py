@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from transformers.utils import logging as hf_logging
 
-from config import parse_config
+from config import opt, parse_config
 from crop import box_area_ratio, coverage, iou
 from loop import TrainConfig, load_training_samples, setup, train_loop
 from resolution import UNCHANGED, apply_resolutions, format_report, level_report, select_resolutions
@@ -32,29 +32,29 @@ STAGE_LEARNING_RATES = {1: 1e-6, 2: 5e-7}  # the paper's Table 12
 
 @dataclass
 class Config(TrainConfig):
-    stage: int = 1
-    output_dir: str = "out/lfpc"
-    learning_rate: float = 0.0          # 0: the stage's rate from the paper, 1e-6 (stage 1) or 5e-7 (stage 2)
-    max_turns: int = 5                  # tool calls executed per episode; the model then gets one more turn
-    max_response_tokens: int = 2048     # sampled tokens per episode, all turns together
-    max_new_tokens_per_turn: int = 96   # per assistant turn; small for the CPU demo, raise for real models
+    stage: int = opt(1, "1: information-gap training; 2: adds the grounding reward")
+    output_dir: str = opt("out/lfpc", "where checkpoints, metrics.jsonl and reports go")
+    learning_rate: float = opt(0.0, "0: the stage's rate from the paper, 1e-6 (stage 1) or 5e-7 (stage 2)")
+    max_turns: int = opt(5, "tool calls executed per episode; the model then gets one more turn")
+    max_response_tokens: int = opt(2048, "sampled tokens per episode, all turns together")
+    max_new_tokens_per_turn: int = opt(96, "per assistant turn; small for the CPU demo, raise for real models")
     # stage-1 reward: acc_weight*acc + format_weight*format + tool_weight*tool (paper: 0.8, 0.2, 1.2)
-    acc_weight: float = 0.8
-    format_weight: float = 0.2
-    tool_weight: float = 1.2
-    max_answer_chars: int = 64          # a longer <answer> is a format error (the paper gives no number)
+    acc_weight: float = opt(0.8, "stage-1 reward weight of answer accuracy (paper: 0.8)")
+    format_weight: float = opt(0.2, "stage-1 reward weight of the format (paper: 0.2)")
+    tool_weight: float = opt(1.2, "stage-1 reward weight of the tool bonus (paper: 1.2)")
+    max_answer_chars: int = opt(64, "a longer <answer> is a format error (the paper gives no number)")
     # stage-2 grounding reward (paper section 4.2); weight and iou_weight are not given in the paper
-    grounding_weight: float = 1.0       # r = stage-1 reward + grounding_weight * r_geo
-    iou_weight: float = 0.5             # r_geo = iou_weight * r_iou + (1 - iou_weight) * r_l1
-    coverage_threshold: float = COVERAGE_THRESHOLD  # 0.9: r_iou only past this coverage of the smallest box
-    grounding_crop: str = "last"        # which crop is scored: 'last' valid crop, or 'best' (highest r_geo)
+    grounding_weight: float = opt(1.0, "r = stage-1 reward + grounding_weight * r_geo")
+    iou_weight: float = opt(0.5, "r_geo = iou_weight * r_iou + (1 - iou_weight) * r_l1")
+    coverage_threshold: float = opt(COVERAGE_THRESHOLD, "0.9: r_iou only past this coverage of the smallest box")
+    grounding_crop: str = opt("last", "which crop is scored: 'last' valid crop, or 'best' (highest r_geo)")
     # offline resolution selection (the information gap, stage 1; stage 2 only with --info_gap_stage2 true)
-    resolution_factor: float = 2.0      # each ladder level divides both sides by this
-    resolution_floor_pixels: int = 224 * 224  # the ladder stops before a level with fewer pixels
-    resolution_unchanged: str = "floor"  # samples whose answer never changes: 'floor' (coarsest) or 'original'
-    resolution_cache: str = ""          # JSONL cache of the selection; '': <output_dir>/resolution.jsonl
-    resolution_max_new_tokens: int = 16  # greedy direct answers are an option letter or a short phrase
-    info_gap_stage2: bool = False       # the paper's stage 2 data has no resolution selection
+    resolution_factor: float = opt(2.0, "each ladder level divides both sides by this")
+    resolution_floor_pixels: int = opt(224 * 224, "the ladder stops before a level with fewer pixels")
+    resolution_unchanged: str = opt("floor", "samples whose answer never changes: 'floor' (coarsest) or 'original'")
+    resolution_cache: str = opt("", "JSONL cache of the selection; '': <output_dir>/resolution.jsonl")
+    resolution_max_new_tokens: int = opt(16, "greedy direct answers are an option letter or a short phrase")
+    info_gap_stage2: bool = opt(False, "the paper's stage 2 data has no resolution selection")
 
 
 def extra_checks(cfg):

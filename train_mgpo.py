@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from transformers.utils import logging as hf_logging
 
-from config import parse_config
+from config import opt, parse_config
 from crop import box_area_ratio, coverage, iou
 from loop import TrainConfig, load_training_samples, setup, train_loop
 from rewards import accuracy_reward, mgpo_format_ok
@@ -22,17 +22,18 @@ from tiny import COMMITTED
 class Config(TrainConfig):
     # The defaults run the CPU demo (README, Quick start): the committed tiny base on the synthetic task, with a
     # held-out report before and after. For a real model pass MGPO's values (README, On GPU nodes).
-    model: str = "tiny-base"
-    output_dir: str = "out/mgpo"
-    max_steps: int = 200
-    batch_size: int = 8
-    num_generations: int = 8
-    learning_rate: float = 1e-4         # the demo's; MGPO used 1e-6 for Qwen2.5-VL-7B
-    micro_batch_size: int = 16
-    eval_samples: int = 64
-    max_new_tokens_turn1: int = 64      # the box turn (the tiny base writes 40-58 tokens)
-    max_new_tokens_turn2: int = 16      # the answer turn
-    single_turn: bool = False           # the GRPO baseline: answer from the global view, no box and no crop
+    model: str = opt("tiny-base", "'tiny-base' (the demo's committed base), 'tiny', 'tiny-tool-base' or a local "
+                                       "Qwen2.5-VL checkpoint")
+    output_dir: str = opt("out/mgpo", "where checkpoints, metrics.jsonl and reports go")
+    max_steps: int = opt(200, "GRPO steps (rollout batches)")
+    batch_size: int = opt(8, "prompts per step, over all ranks (MGPO: 512)")
+    num_generations: int = opt(8, "rollouts per prompt, the GRPO group (MGPO: 8)")
+    learning_rate: float = opt(1e-4, "the demo's; MGPO used 1e-6 for Qwen2.5-VL-7B")
+    micro_batch_size: int = opt(16, "trajectories per forward/backward per rank")
+    eval_samples: int = opt(64, "held-out questions answered before and after training; 0: none")
+    max_new_tokens_turn1: int = opt(64, "the box turn (the tiny base writes 40-58 tokens)")
+    max_new_tokens_turn2: int = opt(16, "the answer turn")
+    single_turn: bool = opt(False, "the GRPO baseline: answer from the global view, no box and no crop")
 
 
 def mgpo_metrics(trajs, rewards):
