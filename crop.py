@@ -207,10 +207,11 @@ def to_input(box, input_size, original_size):
 def is_valid_box(box, input_size, min_side=FACTOR, max_aspect=100.0):
     """
     MGPO's test for a usable box, in model-input pixels with input_size = (w, h). Valid iff the box lies inside
-    the image (0 <= x1 < x2 <= w, 0 <= y1 < y2 <= h), both sides are at least `min_side` pixels (MGPO rejects
-    boxes "smaller than 28 px", so a side of exactly 28 passes and 27 fails), and the long side over the short
-    side is below `max_aspect`. Anything that is not 4 finite numbers (None included) is invalid. Never raises.
-    Example: on a 1148 x 840 input, [100, 100, 128, 200] is valid (28 x 100); [100, 100, 127, 200] is not.
+    the image (0 <= x1 < x2 <= w, 0 <= y1 < y2 <= h), both sides are strictly longer than `min_side` pixels
+    (MGPO's rollout checks `(x2 - x1) > 28 and (y2 - y1) > 28`: 29 passes, 28 and 27 fail), and the long side over
+    the short side is below `max_aspect`. Anything that is not 4 finite numbers (None included) is invalid.
+    Never raises.
+    Example: on a 1148 x 840 input, [100, 100, 129, 200] is valid (29 x 100); [100, 100, 128, 200] is not (28 px).
     """
     box = parse_bbox_value(box)
     if box is None:
@@ -219,7 +220,7 @@ def is_valid_box(box, input_size, min_side=FACTOR, max_aspect=100.0):
     if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
         return False
     side_w, side_h = x2 - x1, y2 - y1
-    if min(side_w, side_h) < min_side:
+    if min(side_w, side_h) <= min_side:
         return False
     return max(side_w, side_h) / min(side_w, side_h) < max_aspect
 

@@ -260,8 +260,10 @@ def read_hrbench(tsv_path: str | Path, skipped: list[str] | None = None) -> list
         0      What color is the umbrella?  B       single    red  blue  green  yellow  0               /9j/4AAQSk...
 
     `image` is a base64 JPEG, kept as its encoded bytes (load_image decodes them); `category` is "single" or
-    "cross" (single-instance or cross-instance perception); the rows that share a `cycle_category` hold the same
-    question with its options rotated, and the benchmark's accuracy averages over them. Other columns are ignored.
+    "cross" (single-instance or cross-instance perception). Every question comes back in several rows with its
+    options rotated; `cycle_category` is the rotation index, shared by all the questions asked in that rotation
+    (not by the rows of one question). The benchmark's accuracy is the mean over rotations of each rotation's
+    accuracy, as HR-Bench's own evaluation groups by `cycle_category` (eval.accuracy). Other columns are ignored.
 
     >>> s = read_hrbench("benchmarks/hr_bench_4k.tsv")[0]
     >>> s.id, s.options, s.answer, s.meta["cycle_category"]

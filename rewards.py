@@ -6,6 +6,24 @@ answer earns 0.0, not a crashed training step.
 
 MGPO's reward is answer correctness alone (`accuracy_reward`); `mgpo_format_ok` is logged as a metric, never
 rewarded. Recipe-specific rewards follow the shared answer-matching helpers, one section per recipe.
+
+Answer matching (`answer_matches`) first removes wrappers around the whole answer: `\\text{}` (and `\\textbf`,
+`\\textrm`, `\\mathrm`, `\\mathbf`), `{}`, `\\{ \\}` and `$ $`, nested or not: `{{B}}`, `\\{B\\}` and `$B$` are B,
+`{-3}` is the number -3. With options [red, blue, green, yellow] (`extract_choice`):
+- A letter form names its option: "B", "b", "(B)", "[B]", "B.", "B)" or "B:" alone, or "(B)", "[B]", "B.", "B)" or
+  "B:" followed by a space and any text. The letter wins over the text after it: "A. blue" and "(A) blue" are A,
+  "C. blue" is C, for every letter alike. The prompt asks for the letter; the text after it is often a paraphrase
+  ("(B) the blue one"), so it cannot veto the letter. A letter that names no option ("(E) blue") is read as text.
+- Otherwise the option's text, normalised (case, punctuation, the articles "a", "an", "the"): "Blue." is B; two
+  options with the same normalised text cannot be told apart (None).
+- A letter needs its delimiter: "A cat" and "A blue" are text (the article "a", then "cat" or "blue"), so
+  "A blue" is B and "C blue" names nothing. An article is dropped only where a space follows it, so a letter
+  closed by punctuation ("A.", "(A)", "A:", "A,") is never taken for the article "a".
+
+MGPO's own grader is mathruler's `grade_answer` on the last `\\boxed{}` against the letter (tests/test_rewards.py
+compares the two case by case). Deliberate leniencies here, which it scores 0: a letter closed by ".", ")" or ":"
+("B."); a letter with text ("B. blue", "(B) blue"); the option's text alone ("blue", "Blue."). Deliberately
+stricter: "x = B", which its maths rule for "k = ..." reads as B.
 """
 
 import math
@@ -20,17 +38,23 @@ from crop import coverage, iou, l1_distance, parse_box
 # answer extraction and normalisation
 
 _BOXED = "\\boxed{"
-# LaTeX wrappers that models put around a plain answer; the content is the answer.
-_TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf)\s*\{([^{}]*)\}")
-_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+# LaTeX wrappers that models put around a plain answer; the content (escaped braces allowed) is the answer.
+_TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf)\s*\{((?:[^{}\\]|\\.)*)\}")
+# Braces, escaped braces or dollars around the whole answer. Greedy: "{a} and {b}" becomes "a} and {b", whose
+# stray braces normalisation drops as it did before.
+_ENCLOSED = re.compile(r"\s*(?:\{(.*)\}|\\\{(.*)\\\}|\$(.*)\$)\s*", re.DOTALL)
+# An article followed by a space: "A. blue" and "(A) blue" keep their letter.
+_ARTICLES = re.compile(r"\b(?:a|an|the)\b(?=\s)")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 # Digits with optional thousands separators and decimals; exponents, fractions and units are left to string matching.
 _NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|[+-]?\.\d+")
-# An option letter on its own: "B", "(B)", "B.", "B)", "B:".
-_BARE_LETTER = re.compile(r"\(?([A-Za-z])[.):]?")
-# An option letter followed by its text: "B) red", "(B) red", "B. red". A delimiter is required so that
-# an answer like "A cat" is read as text, not as option A.
-_LETTER_PREFIX = re.compile(r"\(?([A-Za-z])[.):]\s")
+# An option letter with a delimiter: "(B)", "[B]", "B.", "B)", "B:".
+_DELIMITED_LETTER = r"\(([A-Za-z])\)|\[([A-Za-z])\]|([A-Za-z])[.):]"
+# An option letter on its own: a delimited one, or "B" alone.
+_BARE_LETTER = re.compile(rf"{_DELIMITED_LETTER}|([A-Za-z])")
+# An option letter followed by text: "(B) blue", "B. blue". The delimiter is required so that an answer like
+# "A cat" is read as text, not as option A.
+_LETTER_PREFIX = re.compile(rf"(?:{_DELIMITED_LETTER})\s")
 
 
 def extract_boxed(text: str) -> str | None:
@@ -70,10 +94,14 @@ def option_letters(options) -> list[str]:
     return [chr(ord("A") + i) for i in range(len(options))]
 
 
-def _unwrap_text(text: str) -> str:
-    # Repeat so that nested wrappers such as \textbf{\text{B}} are all removed.
+def _unwrap(text: str) -> str:
+    # One layer per pass, so that nested wrappers such as \textbf{\text{B}} or {$B$} are all removed.
     while True:
-        unwrapped = _TEXT_WRAPPER.sub(r"\1", text)
+        enclosed = _ENCLOSED.fullmatch(text)
+        if enclosed:
+            unwrapped = next(group for group in enclosed.groups() if group is not None)
+        else:
+            unwrapped = _TEXT_WRAPPER.sub(r"\1", text)
         if unwrapped == text:
             return text
         text = unwrapped
@@ -81,17 +109,18 @@ def _unwrap_text(text: str) -> str:
 
 def normalize_answer(text: str) -> str:
     """
-    Lowercase, drop `\\text{}` wrappers, punctuation, articles and extra whitespace (SQuAD-style).
+    Lowercase, drop wrappers (`\\text{}`, `{}`, `$ $`), articles followed by a space, punctuation and extra
+    whitespace (SQuAD-style, except that an article must be followed by a space).
 
-    >>> normalize_answer(r"The \\text{Red}  car.")
-    'red car'
+    >>> normalize_answer(r"The \\text{Red}  car."), normalize_answer("(A) blue")
+    ('red car', 'a blue')
     """
-    text = _unwrap_text(text).lower().translate(_PUNCTUATION)
-    return " ".join(_ARTICLES.sub(" ", text).split())
+    text = _ARTICLES.sub(" ", _unwrap(text).lower())
+    return " ".join(text.translate(_PUNCTUATION).split())
 
 
 def _parse_number(text: str) -> float | None:
-    text = _unwrap_text(text).strip()
+    text = _unwrap(text).strip()
     if not _NUMBER.fullmatch(text):
         return None
     value = float(text.replace(",", ""))
@@ -116,30 +145,29 @@ def _same_answer(pred: str, answer: str) -> bool:
 
 def extract_choice(pred: str, options: list[str] | None) -> str | None:
     """
-    The option letter that pred names, by letter ("B", "(B)", "B) red", "\\text{B}") or by the option's text;
-    None when there are no options or pred names none of them.
+    The option letter that pred names: by a letter form ("B", "(B)", "B) red", "\\text{B}"), which wins over any
+    text after it, else by the option's text; None when there are no options or pred names none of them.
+    The module docstring states the rules.
 
     >>> extract_choice("(B) blue", ["red", "blue"]), extract_choice("Blue.", ["red", "blue"])
     ('B', 'B')
+    >>> extract_choice("A. blue", ["red", "blue"]), extract_choice("A blue", ["red", "blue"])
+    ('A', 'B')
     """
     if not options:
         return None
     letters = option_letters(options)
-    pred = _unwrap_text(pred).strip()
-    # A bare letter first, then the option text (so "A cat" can be an option's text), then a letter with text.
-    bare = _BARE_LETTER.fullmatch(pred)
-    if bare:
-        letter = bare.group(1).upper()
-        return letter if letter in letters else None
+    pred = _unwrap(pred).strip()
+    form = _BARE_LETTER.fullmatch(pred) or _LETTER_PREFIX.match(pred)
+    if form:
+        letter = next(group for group in form.groups() if group).upper()
+        if letter in letters:
+            return letter
     pred_norm = normalize_answer(pred)
     if pred_norm:
         matches = [letter for letter, option in zip(letters, options) if normalize_answer(option) == pred_norm]
         if len(matches) == 1:  # two options with the same text cannot be told apart
             return matches[0]
-    prefix = _LETTER_PREFIX.match(pred)
-    if prefix:
-        letter = prefix.group(1).upper()
-        return letter if letter in letters else None
     return None
 
 

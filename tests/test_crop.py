@@ -411,18 +411,22 @@ def test_parse_tool_call_never_raises_on_random_text():
     [
         ([100, 100, 200, 200], True),
         ([0, 0, 1148, 840], True),  # the whole image
-        ([100, 100, 128, 128], True),  # exactly 28 x 28
+        ([100, 100, 129, 129], True),  # 29 x 29: over 28 both ways
+        ([100, 100, 128, 128], False),  # exactly 28 x 28: MGPO requires more than 28
+        ([100, 100, 128, 200], False),  # 28 px wide
+        ([100, 100, 200, 128], False),  # 28 px high
         ([100, 100, 127, 200], False),  # 27 px wide
         ([100, 100, 200, 127], False),  # 27 px high
-        ([100.0, 100.0, 127.9, 200.0], False),  # 27.9 px is still under 28
+        ([100.0, 100.0, 128.5, 200.0], True),  # 28.5 px is over 28
+        ([100.0, 100.0, 128.0, 200.0], False),
         ([-1, 100, 200, 200], False),  # negative
         ([200, 100, 100, 200], False),  # reversed x
         ([100, 200, 200, 100], False),  # reversed y
         ([100, 100, 1149, 200], False),  # past the right edge
         ([100, 100, 200, 841], False),  # past the bottom edge
-        ([0, 0, 28, 840], True),  # aspect 30
-        ([0, 0, 1148, 28], True),  # aspect 41
-        ([0, 0, 28, 2800], False),  # aspect exactly 100 (also out of range here)
+        ([0, 0, 29, 840], True),  # aspect 29
+        ([0, 0, 1148, 29], True),  # aspect 40
+        ([0, 0, 29, 2900], False),  # aspect exactly 100 (also out of range here)
         (None, False),
         ("0 0 100 100", False),
         ([0, 0, 100], False),
@@ -435,10 +439,26 @@ def test_is_valid_box(box, valid):
 
 
 def test_is_valid_box_aspect_limit_is_strict():
-    assert is_valid_box([0, 0, 28, 2772], (5000, 5000))  # 99
-    assert not is_valid_box([0, 0, 28, 2800], (5000, 5000))  # 100
-    assert is_valid_box([0, 0, 28, 2800], (5000, 5000), max_aspect=101)
-    assert is_valid_box([0, 0, 10, 10], (100, 100), min_side=10)
+    assert is_valid_box([0, 0, 29, 2871], (5000, 5000))  # 99
+    assert not is_valid_box([0, 0, 29, 2900], (5000, 5000))  # 100
+    assert is_valid_box([0, 0, 29, 2900], (5000, 5000), max_aspect=101)
+    assert is_valid_box([0, 0, 11, 11], (100, 100), min_side=10)
+    assert not is_valid_box([0, 0, 10, 10], (100, 100), min_side=10)
+
+
+def mgpo_box_ok(x1, y1, x2, y2, w, h):
+    # MGPO's own check, transcribed from its rollout (xinyu1205/verl, branch mgpo, commit 994efbe,
+    # verl/workers/rollout/vllm_rollout/vllm_rollout_spmd.py): the reference is_valid_box must agree with.
+    return (x1 < x2 and y1 < y2 and x1 >= 0 and y1 >= 0 and x2 <= w and y2 <= h
+            and (x2 - x1) > 28 and (y2 - y1) > 28 and max((x2 - x1) / (y2 - y1), (y2 - y1) / (x2 - x1)) < 100)
+
+
+@pytest.mark.parametrize("side_w", [27, 28, 29, 100])
+@pytest.mark.parametrize("side_h", [27, 28, 29, 100])
+def test_is_valid_box_28px_boundary_matches_mgpo(side_w, side_h):
+    box, size = [10, 20, 10 + side_w, 20 + side_h], (1148, 840)
+    assert is_valid_box(box, size) is mgpo_box_ok(*box, *size)
+    assert is_valid_box(box, size) is (side_w >= 29 and side_h >= 29)
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Tests for the benchmark readers of data.py: V* Bench, HR-Bench, MME-RealWorld, and read_benchmark's dispatch.
+"""Tests for the benchmark readers of data.py: V* Bench, HR-Bench, MME-RealWorld, and read_benchmark's dispatch;
+and HR-Bench's accuracy over option rotations (eval.accuracy) on rows read from a TSV.
 
 Every fixture is built in tmp_path from code, in its benchmark's published layout, around a few tiny images.
 """
@@ -25,6 +26,8 @@ from data import (
     read_mme_realworld,
     read_vstar,
 )
+from eval import accuracy
+from rewards import answer_matches
 
 RED, GREEN, BLUE = (200, 20, 20), (20, 200, 20), (20, 20, 200)
 
@@ -143,15 +146,17 @@ HR_PNG = encoded(GREEN, (40, 30), "PNG")
 HR_JPEG = encoded(RED, (48, 32), "JPEG")
 
 
+def hr_row(index, answer, options, cycle, image=HR_PNG, question='What colour is the "EXIT" sign?',
+           category="single") -> dict:
+    # the quotes in the question make csv quote the field, as pandas does
+    return {"index": str(index), "question": question, "answer": answer, "category": category,
+            **dict(zip("ABCD", options)), "cycle_category": str(cycle), "image": base64.b64encode(image).decode()}
+
+
 def hr_rows() -> list[dict]:
-    """One question, asked twice with its options rotated: both rows share the cycle_category."""
-    question = 'What colour is the "EXIT" sign?'  # the quotes make csv quote the field, as pandas does
-    return [
-        {"index": "0", "question": question, "answer": "B", "category": "single", "A": "red", "B": "green",
-         "C": "blue", "D": "yellow", "cycle_category": "c17", "image": base64.b64encode(HR_PNG).decode()},
-        {"index": "1", "question": question, "answer": "C", "category": "single", "A": "yellow", "B": "red",
-         "C": "green", "D": "blue", "cycle_category": "c17", "image": base64.b64encode(HR_JPEG).decode()},
-    ]
+    """One question in two rotations of its options; cycle_category is the rotation's index, not the question's."""
+    return [hr_row(0, "B", ["red", "green", "blue", "yellow"], 0),
+            hr_row(1, "C", ["yellow", "red", "green", "blue"], 1, image=HR_JPEG)]
 
 
 def write_tsv(path: Path, rows: list, header=HR_COLUMNS) -> Path:
@@ -168,10 +173,10 @@ def test_read_hrbench(tmp_path: Path):
     question = 'What colour is the "EXIT" sign?'
     assert samples == [
         Sample("hrbench-0", HR_PNG, question, ["red", "green", "blue", "yellow"], "B", None,
-               meta={"benchmark": "hrbench", "category": "single", "group": "single", "cycle_category": "c17",
+               meta={"benchmark": "hrbench", "category": "single", "group": "single", "cycle_category": "0",
                      "index": "0"}),
         Sample("hrbench-1", HR_JPEG, question, ["yellow", "red", "green", "blue"], "C", None,
-               meta={"benchmark": "hrbench", "category": "single", "group": "single", "cycle_category": "c17",
+               meta={"benchmark": "hrbench", "category": "single", "group": "single", "cycle_category": "1",
                      "index": "1"}),
     ]
     png = load_image(samples[0])
@@ -198,6 +203,24 @@ def test_hrbench_image_over_the_default_csv_field_limit(tmp_path: Path):
     finally:
         csv.field_size_limit(default)
     assert np.array_equal(np.asarray(load_image(sample)), noise)
+
+
+def test_hrbench_accuracy_is_the_mean_over_rotations(tmp_path: Path):
+    # Three questions in rotation 0, and (a cut file) only the first of them in rotation 1. A policy that always
+    # answers "green" is right on q0 in both rotations and wrong on q1 and q2:
+    #   rotation 0: 1/3, rotation 1: 1/1 -> accuracy (1/3 + 1) / 2 = 2/3, as HR-Bench's evaluation averages;
+    #   not the row mean 2/4, nor the mean over questions (1 + 0 + 0) / 3 = 1/3.
+    rows = [hr_row(0, "B", ["red", "green", "blue", "yellow"], 0, question="q0"),
+            hr_row(1, "A", ["red", "green", "blue", "yellow"], 0, question="q1"),
+            hr_row(2, "C", ["blue", "red", "yellow", "green"], 0, question="q2", category="cross"),
+            hr_row(3, "A", ["green", "blue", "yellow", "red"], 1, question="q0")]
+    samples = read_hrbench(write_tsv(tmp_path / "hr.tsv", rows))
+    records = [{"id": s.id, "group": s.meta["group"], "cycle": s.meta["cycle_category"],
+                "correct": answer_matches("green", s.answer, s.options)} for s in samples]
+    assert [r["correct"] for r in records] == [True, False, False, True]
+    assert accuracy(records) == pytest.approx(2 / 3)
+    single = [r for r in records if r["group"] == "single"]  # per group likewise: rotation 0 1/2, rotation 1 1/1
+    assert accuracy(single) == pytest.approx((1 / 2 + 1) / 2)
 
 
 def hr_bad_row(**changes) -> dict:

@@ -55,13 +55,21 @@ def test_option_letters():
     (r"\text{An}  Apple!", "apple"),
     (r"\textbf{\text{B}}", "b"),
     ("  Théâtre  ", "théâtre"),
+    ("{$The Red car$}", "red car"),
+    ("A yellow car", "yellow car"),     # an article: a space follows it
+    ("A. blue", "a blue"),              # a letter closed by punctuation is never taken for the article "a"
+    ("(A) blue", "a blue"),
+    ("A: blue", "a blue"),
+    ("A, blue", "a blue"),
+    ("the.", "the"),
 ])
 def test_normalize_answer(text, expected):
     assert normalize_answer(text) == expected
 
 
-@pytest.mark.parametrize("pred", ["B", "b", "(B)", "B.", "B)", "B:", "B) blue", "(B) blue", "B. blue",
-                                  r"\text{B}", r"\textbf{(B)}", " B \n", "blue", "Blue.", r"\text{blue}"])
+@pytest.mark.parametrize("pred", ["B", "b", "(B)", "[B]", "B.", "B)", "B:", "B) blue", "(B) blue", "B. blue",
+                                  "[B] blue", r"\text{B}", r"\textbf{(B)}", " B \n", "blue", "Blue.", r"\text{blue}",
+                                  "{B}", "{{B}}", r"\{B\}", "$B$", r"\text{\{B\}}", r"{\text{(B) blue}}"])
 def test_extract_choice_spellings(pred):
     assert extract_choice(pred, OPTIONS) == "B"
 
@@ -71,8 +79,15 @@ def test_extract_choice_spellings(pred):
     ("yellow car", "D"),
     ("E", None),                # letter outside the options
     ("(F) purple", None),
+    ("(E) red", None),          # a letter that names no option is read as text: "e red" is none
     ("purple", None),
     ("BB", None),
+    ("(B", None),               # unbalanced
+    ("B.blue", None),           # a letter with text needs a space after its delimiter
+    ("C blue", None),           # no delimiter: the text "c blue"
+    ("A blue", "B"),            # no delimiter: the article "a" and the text "blue"
+    ("A, blue", None),          # "," is no delimiter, and "A" followed by "," is no article
+    ("C, blue", None),
     ("", None),
 ])
 def test_extract_choice_other(pred, expected):
@@ -87,6 +102,27 @@ def test_extract_choice_without_options():
 def test_extract_choice_ambiguous_text():
     assert extract_choice("red", ["red", "Red.", "blue"]) is None
     assert extract_choice("C", ["red", "Red.", "blue"]) == "C"
+
+
+def test_a_letter_naming_no_option_is_read_as_text():
+    assert extract_choice("K", ["K", "X", "Q"]) == "A"
+    assert extract_choice("J. K. Rowling", ["Tolkien", "J. K. Rowling"]) == "B"
+    assert extract_choice("B. Obama", ["B. Obama", "Lincoln"]) == "B"  # B is an option letter: the letter wins
+
+
+LETTER_TEXT_FORMS = ["{L}. {T}", "({L}) {T}", "{L}) {T}", "{L}: {T}", "[{L}] {T}", "{l}. {T}", "({l}) {T}"]
+
+
+@pytest.mark.parametrize("form", LETTER_TEXT_FORMS)
+@pytest.mark.parametrize("letter", "ABCD")
+def test_letter_with_text_is_the_letter_for_every_letter_and_text(letter, form):
+    # The rule of rewards.py: an explicit leading letter decides, whatever option text follows it (the text of
+    # option A, B, C or D, "a yellow car" included). Before, "A. blue" and "(A) blue" were read as B.
+    for text in OPTIONS:
+        pred = form.format(L=letter, l=letter.lower(), T=text)
+        assert extract_choice(pred, OPTIONS) == letter, pred
+        assert accuracy_reward(rf"\boxed{{{pred}}}", "B", OPTIONS) == float(letter == "B"), pred
+        assert accuracy_reward(rf"\boxed{{{pred}}}", "blue", OPTIONS) == float(letter == "B"), pred
 
 
 # -----------------------------------------------------------------------------
@@ -109,6 +145,77 @@ def test_accuracy_with_options(text, answer, expected):
     assert accuracy_reward(text, answer, OPTIONS) == expected
 
 
+# -----------------------------------------------------------------------------
+# against MGPO's own grader
+
+# MGPO's accuracy reward (xinyu1205/verl, branch mgpo, verl/utils/reward_score/high_resolution.py) is
+# mathruler's grade_answer(extract_boxed_content(text), answer). The `official` column was printed by exactly that
+# call, mathruler 0.1.0 (with sympy 1.14, pylatexenc 2.11) in a scratch venv outside this repository, on these
+# texts and answers; mathruler is no dependency of this project. `ours` is accuracy_reward with OPTIONS.
+# Every difference is one of the reasons below, which rewards.py's docstring lists.
+DELIMITER = "leniency: a letter closed by '.', ')' or ':'"
+LETTER_TEXT = "leniency: a letter with text; the letter decides"
+OPTION_TEXT = "leniency: the option's text alone"
+NOT_A_LETTER = "stricter: a maths grader's 'k = ...' rule, no option letter"
+MGPO_GRADER_CASES = [
+    # text, answer, official, ours, why they differ
+    (r"\boxed{B}", "B", True, True, ""),
+    (r"\boxed{{B}}", "B", True, True, ""),
+    (r"\boxed{\{B\}}", "B", True, True, ""),
+    (r"\boxed{{{B}}}", "B", True, True, ""),
+    (r"\boxed{{b}}", "B", True, True, ""),
+    (r"\boxed{ B }", "B", True, True, ""),
+    (r"\boxed{b}", "B", True, True, ""),
+    (r"\boxed{(B)}", "B", True, True, ""),
+    (r"\boxed{[B]}", "B", True, True, ""),
+    (r"\boxed{$B$}", "B", True, True, ""),
+    (r"\boxed{\text{B}}", "B", True, True, ""),
+    (r"\boxed{\textbf{B}}", "B", True, True, ""),
+    (r"\boxed{\mathrm{B}}", "B", True, True, ""),
+    (r"\boxed{\text{(B)}}", "B", True, True, ""),
+    (r"\boxed{\text{\{B\}}}", "B", True, True, ""),
+    (r"\boxed{\boxed{B}}", "B", True, True, ""),
+    (r"so \boxed{B}.", "B", True, True, ""),
+    (r"\boxed{A} no, \boxed{B}", "B", True, True, ""),         # the last box
+    (r"\boxed{B} no, \boxed{A}", "B", False, False, ""),
+    (r"\boxed{B} then \boxed{C", "B", False, False, ""),       # the last box is not closed
+    (r"\boxed{B", "B", False, False, ""),
+    ("B", "B", False, False, ""),                               # no box
+    ("The answer is B.", "B", False, False, ""),
+    (r"\boxed{}", "B", False, False, ""),
+    (r"\boxed{C}", "B", False, False, ""),
+    (r"\boxed{E}", "B", False, False, ""),
+    (r"\boxed{BB}", "B", False, False, ""),
+    (r"\boxed{B blue}", "B", False, False, ""),
+    (r"\boxed{Option B}", "B", False, False, ""),
+    (r"\boxed{B, C}", "B", False, False, ""),
+    (r"\boxed{2B}", "B", False, False, ""),
+    (r"\boxed{(B}", "B", False, False, ""),
+    (r"\boxed{B.blue}", "B", False, False, ""),
+    (r"\boxed{A. blue}", "B", False, False, ""),
+    (r"\boxed{(A) blue}", "B", False, False, ""),
+    (r"\boxed{C. blue}", "B", False, False, ""),
+    (r"\boxed{B.}", "B", False, True, DELIMITER),
+    (r"\boxed{B)}", "B", False, True, DELIMITER),
+    (r"\boxed{B:}", "B", False, True, DELIMITER),
+    (r"\boxed{B. blue}", "B", False, True, LETTER_TEXT),
+    (r"\boxed{(B) blue}", "B", False, True, LETTER_TEXT),
+    (r"\boxed{B) blue}", "B", False, True, LETTER_TEXT),
+    (r"\boxed{B: blue}", "B", False, True, LETTER_TEXT),
+    (r"\boxed{A. blue}", "A", False, True, LETTER_TEXT),
+    (r"\boxed{blue}", "B", False, True, OPTION_TEXT),
+    (r"\boxed{Blue.}", "B", False, True, OPTION_TEXT),
+    (r"\boxed{\text{blue}}", "B", False, True, OPTION_TEXT),
+    (r"\boxed{x = B}", "B", True, False, NOT_A_LETTER),
+]
+
+
+@pytest.mark.parametrize("text, answer, official, ours, why", MGPO_GRADER_CASES)
+def test_against_mgpo_grader(text, answer, official, ours, why):
+    assert accuracy_reward(text, answer, OPTIONS) == float(ours)
+    assert (official != ours) == bool(why)  # every difference from MGPO's grader is a stated one
+
+
 @pytest.mark.parametrize("text, answer, expected", [
     (r"\boxed{The Red car.}", "red car", 1.0),
     (r"\boxed{\text{red car}}", "Red car", 1.0),
@@ -123,6 +230,9 @@ def test_accuracy_with_options(text, answer, expected):
     ("\\boxed{" + "9" * 5000 + "}", "9" * 5001, 0.0),  # too big for a float: not "inf == inf"
     ("\\boxed{" + "9" * 5000 + "}", "9" * 5000, 1.0),
     ("no box 3", "3", 0.0),
+    (r"\boxed{{-3}}", "3", 0.0),          # braces or dollars around a number do not hide its sign
+    (r"\boxed{$-3$}", "3", 0.0),
+    (r"\boxed{{$1,000$}}", "1000", 1.0),
 ])
 def test_accuracy_free_form(text, answer, expected):
     assert accuracy_reward(text, answer, None) == expected
@@ -144,8 +254,9 @@ def test_mgpo_format_ok():
 # -----------------------------------------------------------------------------
 # fuzz: no input may raise, and rewards stay binary
 
-PIECES = ["\\boxed{", "\\text{", "{", "}", "\\", "(", ")", ".", ",", "-", " ", "\n", "A", "b", "B)", "red",
-          "The", "3", "3.0", "1,000", "9" * 400, "é", "猫", "🙂", "\x00", "```json", '"bbox_2d"', "[1, 2]"]
+PIECES = ["\\boxed{", "\\text{", "{", "}", "\\{", "\\}", "$", "[", "]", "\\", "(", ")", ".", ",", "-", " ", "\n", "A",
+          "b", "B)", "red", "The", "3", "3.0", "1,000", "9" * 400, "é", "猫", "🙂", "\x00", "```json", '"bbox_2d"',
+          "[1, 2]"]
 VALID = [r"The crop shows a red car. \boxed{A}", r"\boxed{\text{(B) blue}}", r"\boxed{1,000.5}"]
 
 
