@@ -1,0 +1,261 @@
+"""Predicted peak GPU memory of one GRPO step, per GPU: an analytic ledger of named lines, runnable on a laptop.
+
+    python memory.py --config recipes/mgpo_qwen2_5_vl_7b.yaml --nproc_per_node 8 --gpu_gib 80
+    python memory.py --config recipes/lfpc_stage1_qwen2_5_vl_7b.yaml --as_of before   # today's code, for contrast
+
+A step has three peaks: the rollout's worst prefill (vision tower and language-model prefill of one generate call),
+the rollout's decode (the KV cache at its longest) and the update (one micro-batch's forward and backward). Every
+phase also holds what lives the whole run: the fp32 shard of the weights, AdamW's two moments, the KL reference,
+CUDA's context and the allocator's slack. The exit status is 1 when a phase does not fit in --gpu_gib.
+
+Sizes are worst cases: every turn samples its maximum, every image fills its pixel budget. Worked example,
+Qwen2.5-VL-7B (P = 8.29B parameters, 28 layers, hidden 3,584, 4 KV heads of 128), MGPO on 8 GPUs:
+
+    fp32 shard      P * 4 / 8                                   = 3.86 GiB
+    AdamW state     2 * P * 4 / 8                               = 7.72 GiB
+    gathered model  P * 2 (bf16, once per rollout)              = 15.4 GiB
+    KV cache        2 (K, V) * 28 layers * 4 * 128 * 2 B = 56 KiB per token; 32 rows of a 19,520-token
+                    trajectory (1,280 + 1,280 visual tokens, two 8,192-token turns, 576 of text) = 33.3 GiB
+    activations     (update, checkpointed) per token: 28 layer inputs of 3,584 * 2 B, plus one layer
+                    recomputed in backward: 225,912 B (20 H + 8 I + ... bytes, measured: `LM_TOKEN_BYTES`)
+
+The per-token and per-patch activation sizes were counted with `saved_tensors_hooks` at three widths, and the ledger
+is checked against peaks measured in real CPU runs (tests/test_memory.py, device_check.py --small).
+"""
+
+import argparse
+import os
+import re
+import sys
+
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+GiB = 2 ** 30
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+PROCESSOR_MAX_PIXELS = 12_845_056  # Qwen2.5-VL's preprocessor_config.json: what a budget of 0 resolves to
+PATCH_VALUES = 3 * 2 * 14 * 14     # one pixel_values row: RGB x 2 frames x 14 x 14 pixels
+PROMPT_TEXT_TOKENS = 512           # system prompt, question and chat markup of the first user turn (LFPC's tool
+TURN_TEXT_TOKENS = 64              # schema is ~300); a later user turn's text and markup
+CUDA_CONTEXT = 1 * GiB             # not in torch's allocator statistics, but on the GPU
+ALLOCATOR_SLACK = 2 * GiB          # fragmentation of the caching allocator
+LOGIT_CHUNK = 2 ** 24              # grpo.gather_logprobs' logits per chunk
+
+
+def visual_tokens_per_image(max_pixels):
+    """Visual tokens of an image filling `max_pixels`: 28 x 28 pixels per token (14-px patches, 2 x 2 merge).
+    1,003,520 -> 1,280 (MGPO); 12,845,056 -> 16,384 (the processor's default, LFPC's global view)."""
+    return max_pixels // (28 * 28)
+
+
+def lm_token_bytes(t):
+    """Bytes a decoder layer saves for backward per token, in bf16 (some in fp32: the RMSNorm inputs). Counted with
+    saved_tensors_hooks at three widths; exact for all three: 225,912 B at 7B (H 3,584, I 18,944)."""
+    head = t.hidden_size // t.num_attention_heads
+    return 20 * t.hidden_size + 8 * t.intermediate_size + 4 * t.num_key_value_heads * head + 4 * head \
+        + 4 * t.num_attention_heads + 8
+
+
+def vision_patch_bytes(v):
+    """Bytes a vision block saves for backward per patch, in bf16; counted as above: 66,472 B at 1,280 / 3,420."""
+    return int(30.5 * v.hidden_size) + 8 * v.intermediate_size + 4 * v.num_heads + 8
+
+
+def inference_token_bytes(t):
+    """Transient bytes per token of a no-grad decoder layer (prefill): the MLP's act(gate), up and their product,
+    and a few hidden-sized tensors (residual, norm in fp32)."""
+    return 6 * t.intermediate_size + 12 * t.hidden_size
+
+
+def inference_patch_bytes(v):
+    """The same for a no-grad vision block: the MLP's three intermediates, qkv and the fp32 rotary copies."""
+    return 6 * v.intermediate_size + 16 * v.hidden_size
+
+
+def load_model_config(path):
+    """A Qwen2_5_VLConfig from a config.json (configs/qwen2_5_vl_7b.json, or a checkpoint directory's)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --model_config {path!r}: no such file (see {CONFIGS})")
+    return Qwen2_5_VLConfig.from_json_file(path)
+
+
+def parameter_counts(config):
+    """{total, root, layer, vision, vision_block, visual_root}: numbers of parameters of the real-shaped model,
+    built on the meta device (no memory). `root` is what FSDP's root unit holds: embeddings, lm_head, final norm."""
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    visual, lm = model.model.visual, model.model.language_model
+    return {"total": count(model), "layer": count(lm.layers[0]), "vision": count(visual),
+            "vision_block": count(visual.blocks[0]),
+            "visual_root": count(visual) - sum(count(b) for b in visual.blocks),
+            "root": count(model) - count(visual) - sum(count(layer) for layer in lm.layers)}
+
+
+def trajectory_calls(cfg, text_tokens=(PROMPT_TEXT_TOKENS, TURN_TEXT_TOKENS)):
+    """The worst generate call's shape and the whole trajectory's, from the recipe's budgets.
+
+    Returns {tokens: a whole trajectory, patches: its vision patches, cached: KV columns before the call,
+    new: tokens the call prefills, new_patches: patches it encodes}. MGPO's turn 2 continues turn 1's cache
+    (prefills the crop turn only); LFPC's rounds re-encode the whole conversation (rollout.tool_rollout).
+    `text_tokens`: (text of the first user turn with the system prompt, text of each later user turn)."""
+    prompt_text, turn_text = text_tokens
+    g = visual_tokens_per_image(cfg.global_max_pixels or PROCESSOR_MAX_PIXELS)
+    c = visual_tokens_per_image(cfg.crop_max_pixels or cfg.global_max_pixels or PROCESSOR_MAX_PIXELS)
+    if hasattr(cfg, "max_new_tokens_turn1"):  # MGPO: global view, turn 1, crop, turn 2
+        turn1 = prompt_text + g + cfg.max_new_tokens_turn1
+        tokens = turn1 + turn_text + c + cfg.max_new_tokens_turn2
+        worst_turn1 = dict(cached=0, new=prompt_text + g, new_patches=4 * g)
+        worst_turn2 = dict(cached=turn1, new=turn_text + c, new_patches=4 * c)
+        call = max(worst_turn1, worst_turn2, key=lambda d: d["cached"] + d["new"])
+        return dict(tokens=tokens, patches=4 * (g + c), **call)
+    # LFPC: the global view, up to max_turns crops, max_response_tokens sampled over all turns
+    patches = 4 * (g + cfg.max_turns * c)
+    tokens = prompt_text + cfg.max_turns * turn_text + patches // 4 + cfg.max_response_tokens
+    return dict(tokens=tokens, patches=patches, cached=0, new=tokens, new_patches=patches)
+
+
+def predict(cfg, model_config, world_size, as_of="after", dtype_bytes=2,
+            text_tokens=(PROMPT_TEXT_TOKENS, TURN_TEXT_TOKENS)):
+    """{phase: {line: bytes}} per GPU for one step of `cfg` (a loop.TrainConfig of either recipe).
+
+    as_of="before": the code before issue 22 (all of a rank's trajectories in one generate call on the sharded model,
+    unsharded gradient accumulation, no activation checkpointing); "after": chunked rollouts with the weights
+    gathered once, sharded gradients, and cfg's checkpointing."""
+    t, v = model_config.text_config, model_config.vision_config
+    n = parameter_counts(model_config)
+    trained = n["total"] - (n["vision"] if cfg.freeze_vision_tower else 0)
+    after = as_of == "after"
+    ckpt = cfg.gradient_checkpointing and after
+    per_rank = cfg.batch_size // world_size * cfg.num_generations
+    rows = min(cfg.rollout_batch_size or per_rank, per_rank) if after else per_rank
+    shape = trajectory_calls(cfg, text_tokens)
+    kv_token = 2 * t.num_hidden_layers * t.num_key_value_heads * (t.hidden_size // t.num_attention_heads) * 2
+    always = {
+        "fp32 shard of the weights": n["total"] * 4 / world_size,
+        "AdamW state (2 moments, fp32, sharded)": 2 * trained * 4 / world_size,
+        "KL reference (bf16, sharded)": n["total"] * 2 / world_size if cfg.kl_coef > 0 else 0,
+        "CUDA context": CUDA_CONTEXT,
+        "allocator slack": ALLOCATOR_SLACK,
+    }
+    # after: model.gathered, the whole model in bf16 for the rollout (no all-gather per decoded token); before:
+    # FSDP's root stays gathered, and each decode step gathers a layer while prefetching the next
+    gathered = n["total"] if after else n["root"] + n["visual_root"] + 2 * n["layer"]
+    weights = {"bf16 weights gathered for generate": gathered * dtype_bytes}
+    pixels = rows * shape["new_patches"] * PATCH_VALUES * dtype_bytes  # its fp32 copy is freed before the vision tower
+    logits = rows * t.vocab_size * 4 * 5  # fp32 scores: cast, suppressed, log-softmax (kept), softmax, sample
+    vision = rows * shape["new_patches"] * inference_patch_bytes(v)
+    prefill = rows * shape["new"] * (inference_token_bytes(t) + t.hidden_size * dtype_bytes) \
+        + rows * shape["new"] * (shape["cached"] + shape["new"])  # sdpa's boolean mask of a left-padded batch
+    prefill_phase = {**always, **weights,
+                     "KV cache (before the call and its prefill)": rows * (shape["cached"] + shape["new"]) * kv_token,
+                     "pixel tensors (bf16)": pixels,
+                     "activations (the larger of vision tower, LM prefill)": max(vision, prefill),
+                     "sampling logits (fp32)": logits}
+    decode_phase = {**always, **weights,
+                    # DynamicCache grows by concatenation: one layer is copied at each step
+                    "KV cache (whole trajectories)": rows * shape["tokens"] * kv_token * (1 + 1 / t.num_hidden_layers),
+                    "pixel tensors (bf16)": pixels,
+                    "sampling logits (fp32)": logits}
+    return {"rollout: prefill": prefill_phase, "rollout: decode": decode_phase,
+            "update": {**always, **update_lines(cfg, model_config, n, trained, world_size, shape, ckpt, after,
+                                                dtype_bytes)}}
+
+
+def update_lines(cfg, model_config, n, trained, world_size, shape, ckpt, after, dtype_bytes):
+    """The update's own lines: gradients, the gathered units, one micro-batch's activations and logits."""
+    t, v = model_config.text_config, model_config.vision_config
+    tokens = cfg.micro_batch_size * shape["tokens"]
+    patches = cfg.micro_batch_size * shape["patches"] * (not cfg.freeze_vision_tower)
+    layers, blocks = t.num_hidden_layers, v.depth
+    if ckpt:  # each layer keeps its input; backward recomputes one layer or block at a time
+        saved = tokens * layers * t.hidden_size * dtype_bytes + patches * blocks * v.hidden_size * dtype_bytes
+        working = max(tokens * lm_token_bytes(t), patches * vision_patch_bytes(v))
+    else:
+        saved = tokens * layers * lm_token_bytes(t) + patches * blocks * vision_patch_bytes(v)
+        working = 0
+    # backward of one layer: gradients of its activations, about the size of what it saved
+    working += max(tokens * lm_token_bytes(t), patches * vision_patch_bytes(v))
+    rows = min(tokens, max(1, LOGIT_CHUNK // t.vocab_size))
+    return {
+        "gradients (fp32)": trained * 4 / world_size if after else trained * 4 * (1 + 1 / world_size),
+        "gathered root, 2 layers (bf16) and their gradients":
+            (n["root"] + 2 * n["layer"]) * dtype_bytes + t.vocab_size * t.hidden_size * dtype_bytes
+            + n["layer"] * (dtype_bytes + 4),
+        "activations (saved)": saved,
+        "activations (backward of one layer or block)": working,
+        # the final hidden states and their gradient, and one chunk's fp32 logits, log-softmax and gradient
+        "logits chunks": 2 * tokens * t.hidden_size * dtype_bytes + 3 * rows * t.vocab_size * 4,
+        "pixel tensors (bf16)": patches * PATCH_VALUES * dtype_bytes,
+    }
+
+
+def total(lines):
+    return sum(lines.values())
+
+
+def format_table(columns, gpu_gib, unit=GiB):
+    """Each phase's lines in `unit` (GiB), one column per `as_of`, and each phase's total against the GPU."""
+    names = list(columns)
+    out = [f"{'':58}" + "".join(f"{name:>10}" for name in names)]
+    for phase in columns[names[-1]]:
+        out.append(phase)
+        lines = dict.fromkeys(k for c in columns.values() for k in c[phase])
+        for line in lines:
+            out.append(f"  {line:56}" + "".join(f"{columns[c][phase].get(line, 0) / unit:10.1f}" for c in names))
+        totals = [total(columns[c][phase]) / unit for c in names]
+        verdict = ("  fits" if totals[-1] * unit <= gpu_gib * GiB else "  DOES NOT FIT") if gpu_gib else ""
+        out.append(f"  {'total':56}" + "".join(f"{x:10.1f}" for x in totals) + verdict)
+    return "\n".join(out)
+
+
+def peak_gib(prediction):
+    return max(total(lines) for lines in prediction.values()) / GiB
+
+
+def model_config_path(recipe_path):
+    """configs/qwen2_5_vl_<size>.json from a recipe named like mgpo_qwen2_5_vl_7b.yaml."""
+    match = re.search(r"qwen2_5_vl_(\d+b)", os.path.basename(recipe_path))
+    if not match:
+        raise SystemExit(f"error: --config {recipe_path!r}: cannot tell the model size from the name; "
+                         f"pass --model_config configs/qwen2_5_vl_7b.json")
+    return os.path.join(CONFIGS, f"qwen2_5_vl_{match.group(1)}.json")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="a recipe file (recipes/*.yaml)")
+    parser.add_argument("--recipe", choices=("mgpo", "lfpc"), default="",
+                        help="which script's options; default: the recipe file name's first word")
+    parser.add_argument("--model_config", default="", help="a config.json; default: configs/ by the recipe's name")
+    parser.add_argument("--nproc_per_node", type=int, default=8, help="GPUs (world size)")
+    parser.add_argument("--gpu_gib", type=float, default=80, help="memory of one GPU")
+    parser.add_argument("--as_of", choices=("before", "after", "both"), default="both",
+                        help="the code before issue 22, after it, or both columns")
+    args, overrides = parser.parse_known_args(argv)
+    recipe = args.recipe or os.path.basename(args.config).split("_")[0]
+    if recipe not in ("mgpo", "lfpc"):
+        raise SystemExit(f"error: --config {args.config!r}: name it mgpo_* or lfpc_*, or pass --recipe")
+    # a command-line tool: the recipes' Config classes live in the training scripts (which import nothing from here)
+    from config import parse_config
+    from train_lfpc import Config as LFPCConfig
+    from train_mgpo import Config as MGPOConfig
+    cfg = parse_config(MGPOConfig if recipe == "mgpo" else LFPCConfig, ["--config", args.config, *overrides])
+    model_config = load_model_config(args.model_config or model_config_path(args.config))
+    as_of = ["before", "after"] if args.as_of == "both" else [args.as_of]
+    columns = {a: predict(cfg, model_config, args.nproc_per_node, a) for a in as_of}
+    shape = trajectory_calls(cfg)
+    per_rank = cfg.batch_size // args.nproc_per_node * cfg.num_generations
+    global_tokens = visual_tokens_per_image(cfg.global_max_pixels or PROCESSOR_MAX_PIXELS)
+    crop_tokens = visual_tokens_per_image(cfg.crop_max_pixels or cfg.global_max_pixels or PROCESSOR_MAX_PIXELS)
+    print(f"{args.config} on {args.nproc_per_node} x {args.gpu_gib:g} GiB: {per_rank} trajectories per rank of up to "
+          f"{shape['tokens']:,} tokens and {shape['patches']:,} vision patches; visual tokens per image: global "
+          f"{global_tokens:,}, crop {crop_tokens:,}\n(GiB per GPU)")
+    print(format_table(columns, args.gpu_gib))
+    return 0 if peak_gib(columns[as_of[-1]]) <= args.gpu_gib else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

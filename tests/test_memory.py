@@ -1,0 +1,156 @@
+"""memory.py's ledger, the real model configs and the recipe files, checked against published parameter counts,
+counted activations, the issue's measured 7B peaks, and peaks measured in a real CPU run (device_check.py --small)."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+import memory
+from config import parse_config
+from loop import check_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
+
+
+# published sizes (the model cards: 3.75B, 8.29B, 33.5B, 73.4B parameters)
+@pytest.mark.parametrize("size, billions", [("3b", 3.75), ("7b", 8.29), ("32b", 33.5), ("72b", 73.4)])
+def test_configs_build_the_published_parameter_counts(size, billions):
+    config = Qwen2_5_VLConfig.from_json_file(os.path.join(ROOT, "configs", f"qwen2_5_vl_{size}.json"))
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    assert round(total / 1e9, 2 if size == "3b" or size == "7b" else 1) == billions
+    assert memory.parameter_counts(config)["total"] == total
+    assert config.vision_config.depth == 32 and config.vision_config.hidden_size == 1280
+
+
+def test_7b_config_facts():
+    config = memory.load_model_config(os.path.join(ROOT, "configs", "qwen2_5_vl_7b.json"))
+    counts = memory.parameter_counts(config)
+    t = config.text_config
+    assert round(counts["layer"] * t.num_hidden_layers / 1e9, 2) == 6.53  # DESIGN.md: 6.53B in decoder layers
+    assert 2 * t.num_hidden_layers * t.num_key_value_heads * 128 * 2 == 56 * 1024  # 56 KiB of KV per token
+    assert not config.tie_word_embeddings and t.vocab_size == 152_064
+    assert memory.load_model_config(os.path.join(ROOT, "configs", "qwen2_5_vl_3b.json")).tie_word_embeddings
+
+
+def saved_bytes(module, *args, **kwargs):
+    """Bytes of the distinct tensors autograd saves in a forward of `module`, parameters left out."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(*args, **kwargs)
+    return sum(seen.values())
+
+
+def test_activation_formulas_match_counted_saved_tensors():
+    # a width the formulas were not fitted at (H 384, I 1,280, 6 heads of 64, 2 KV heads; vision 192 / 448)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=384, intermediate_size=1280, num_hidden_layers=1, num_attention_heads=6,
+                         num_key_value_heads=2, vocab_size=512,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]}),
+        vision_config=dict(depth=1, hidden_size=192, intermediate_size=448, num_heads=6, out_hidden_size=384))
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16)
+    tokens = 96
+    x = torch.randn(1, tokens, 384, dtype=torch.bfloat16, requires_grad=True)
+    positions = torch.arange(tokens)[None]
+    rotary = model.model.language_model.rotary_emb(x, positions[None].expand(3, 1, tokens))
+    layer = model.model.language_model.layers[0]
+    measured = saved_bytes(layer, x, position_embeddings=rotary, attention_mask=None, position_ids=positions)
+    assert measured / tokens == pytest.approx(memory.lm_token_bytes(config.text_config), rel=0.02)
+    patches = 256
+    v = torch.randn(patches, 192, dtype=torch.bfloat16, requires_grad=True)
+    cos_sin = (torch.ones(patches, 32), torch.zeros(patches, 32))
+    measured = saved_bytes(model.model.visual.blocks[0], v, cu_seqlens=torch.tensor([0, patches], dtype=torch.int32),
+                           position_embeddings=cos_sin)
+    assert measured / patches == pytest.approx(memory.vision_patch_bytes(config.vision_config), rel=0.02)
+    # the issue's figures at 7B widths, measured with FSDPMemTracker: 225 KB per token per layer, 66.5 KB per patch
+    seven = memory.load_model_config(os.path.join(ROOT, "configs", "qwen2_5_vl_7b.json"))
+    assert memory.lm_token_bytes(seven.text_config) / 1000 == pytest.approx(225, rel=0.01)
+    assert memory.vision_patch_bytes(seven.vision_config) / 1000 == pytest.approx(66.5, rel=0.01)
+
+
+@pytest.mark.parametrize("checkpointing, measured_gib", [(False, 57), (True, 21)])
+def test_update_matches_the_issues_7b_measurement(checkpointing, measured_gib):
+    """The issue measured (FSDPMemTracker, fake tensors, 8 fake ranks) one micro-batch of 2 x 2,000 tokens with two
+    1,000-token images at 7B: about 57 GiB without checkpointing, 21 GiB with it (no rollout, no accumulation)."""
+    from train_mgpo import Config
+    config = memory.load_model_config(os.path.join(ROOT, "configs", "qwen2_5_vl_7b.json"))
+    n = memory.parameter_counts(config)
+    cfg = Config(micro_batch_size=2, gradient_checkpointing=checkpointing)
+    lines = memory.update_lines(cfg, config, n, n["total"], 8, {"tokens": 2000, "patches": 4000}, checkpointing,
+                                True, 2)
+    predicted = memory.total(lines) + 3 * n["total"] * 4 / 8  # + fp32 shard and AdamW's two moments
+    assert predicted / memory.GiB == pytest.approx(measured_gib, rel=0.2)
+
+
+def recipe_config(path):
+    from train_lfpc import Config as LFPCConfig
+    from train_mgpo import Config as MGPOConfig
+    cls = MGPOConfig if os.path.basename(path).startswith("mgpo") else LFPCConfig
+    return parse_config(cls, ["--config", path, "--model", "/models/qwen", "--data", "train.jsonl"])
+
+
+def test_recipe_set_is_complete():
+    names = {os.path.basename(p) for p in RECIPES}
+    assert {"mgpo_qwen2_5_vl_7b.yaml", "mgpo_qwen2_5_vl_3b.yaml", "lfpc_stage1_qwen2_5_vl_7b.yaml",
+            "lfpc_stage2_qwen2_5_vl_7b.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
+def test_recipes_parse_check_and_fit_8x80gb(path):
+    cfg = recipe_config(path)
+    extra = []
+    if hasattr(cfg, "stage"):
+        from train_lfpc import extra_checks
+        extra = extra_checks(cfg)
+    check_config(cfg, 8, extra)  # stops the run on a bad combination
+    assert cfg.batch_size // 8 * cfg.num_generations == 512  # the papers' 512 trajectories per rank
+    config = memory.load_model_config(memory.model_config_path(path))
+    after = memory.predict(cfg, config, 8, "after")
+    assert all(memory.total(lines) <= 75 * memory.GiB for lines in after.values())
+    assert memory.peak_gib(memory.predict(cfg, config, 8, "before")) > 80
+    assert memory.main(["--config", path, "--as_of", "after"]) == 0
+    assert memory.main(["--config", path]) == 0  # both columns: the status is the after column's
+    assert memory.main(["--config", path, "--as_of", "before"]) == 1
+
+
+def test_paper_settings_in_recipes():
+    mgpo = recipe_config(os.path.join(ROOT, "recipes", "mgpo_qwen2_5_vl_7b.yaml"))
+    assert (mgpo.learning_rate, mgpo.kl_coef, mgpo.clip_eps_low, mgpo.global_max_pixels) == (1e-6, 0.01, 0.2, 1003520)
+    assert memory.visual_tokens_per_image(mgpo.global_max_pixels) == 1280
+    s1 = recipe_config(os.path.join(ROOT, "recipes", "lfpc_stage1_qwen2_5_vl_7b.yaml"))
+    s2 = recipe_config(os.path.join(ROOT, "recipes", "lfpc_stage2_qwen2_5_vl_7b.yaml"))
+    assert (s1.stage, s1.learning_rate, s2.stage, s2.learning_rate) == (1, 1e-6, 2, 5e-7)  # Table 12
+    assert (s1.batch_size, s1.num_generations, s1.max_response_tokens, s1.max_turns) == (256, 16, 2048, 5)
+    assert memory.visual_tokens_per_image(s1.global_max_pixels) == 16384
+
+
+def test_command_line_overrides_a_recipe():
+    path = os.path.join(ROOT, "recipes", "mgpo_qwen2_5_vl_7b.yaml")
+    assert memory.main(["--config", path, "--as_of", "after", "--rollout_batch_size", "512"]) == 1  # 512 rows of KV
+
+
+def test_device_check_small_cpu_run_matches_the_ledger():
+    """A real run (FSDP2 in one process, bf16 compute, 2 MGPO steps) whose peaks, measured with torch's MemTracker,
+    are within 20% of the ledger's (device_check exits 1 otherwise)."""
+    out = subprocess.run([sys.executable, "device_check.py", "--small", "--steps", "2", "--gradient_checkpointing",
+                          "false"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "peak rollout" in out.stdout and "peak update" in out.stdout and "ms/token" in out.stdout
