@@ -1,16 +1,21 @@
 """Training checkpoints that survive a kill at any moment, and resuming from the newest complete one.
 
     out/run/checkpoint-200/            complete: an HF model directory plus the trainer's state
-        config.json, model.safetensors, tokenizer files, preprocessor_config.json   (from_pretrained loads it)
-        trainer_state.json             step (= batches consumed per rank), world size, the run's config
-        optimizer.pt                   AdamW state, gathered to full tensors by rank 0 (so a run can resume on
-                                       another number of GPUs); loaded back and scattered to the shards
+        config.json, model.safetensors, tokenizer files, preprocessor_config.json   (from_pretrained loads it;
+                                       in the checkpoint's own dtype, e.g. bf16 for Qwen, gathered to rank 0)
+        dcp/                           torch.distributed.checkpoint of the fp32 model and AdamW state: each rank
+            __{r}_0.distcp             writes its own shards; .metadata maps them to the full tensors, so that
+            .metadata                  a run resumes exactly, on this number of ranks or another one
         rng_rank{r}.pt                 Python, NumPy and torch (CPU and CUDA) RNG states of rank r
+        trainer_state.json             step (= batches consumed per rank), world size, the run's config
     out/run/.tmp-checkpoint-250/       being written; renamed to checkpoint-250 only once complete
 
 A kill while writing leaves a `.tmp-` directory that resuming ignores (and removes), and the previous checkpoint
-untouched. Old checkpoints are pruned only after the new one is complete. Nothing is unpickled: the tensors files
-are read with `torch.load(weights_only=True)` and the rest is JSON.
+untouched. Old checkpoints are pruned only after the new one is complete. Nothing is unpickled: the RNG files are
+read with `torch.load(weights_only=True)`, the shards by torch.distributed.checkpoint, the rest is JSON.
+
+Qwen2.5-VL-7B on 8 GPUs: each rank writes 4.1 GB of fp32 weights and 8.3 GB of Adam moments (99.5 GB in all),
+and rank 0 also the 16.6 GB bf16 model directory.
 """
 
 import json
@@ -22,8 +27,8 @@ import shutil
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from distributed import world
 from model import save_policy
@@ -87,11 +92,9 @@ def save_checkpoint(ctx, cfg, step):
         os.makedirs(tmp)
     barrier()
     save_policy(ctx.model, ctx.tokenizer, ctx.image_processor, tmp)
-    optimizer = get_optimizer_state_dict(ctx.model, ctx.optimizer,
-                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    dcp.save(training_state(ctx), checkpoint_id=os.path.join(tmp, "dcp"))
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank()}.pt"))
     if rank() == 0:
-        torch.save(optimizer, os.path.join(tmp, "optimizer.pt"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:  # written last: it marks completeness
             json.dump({"step": step, "world_size": world(), "config": vars(cfg)}, f, indent=1)
     barrier()
@@ -102,6 +105,13 @@ def save_checkpoint(ctx, cfg, step):
     barrier()
 
 
+def training_state(ctx):
+    """{"model", "optimizer"}: this rank's shards of the fp32 weights and of the AdamW state, as DTensors keyed by
+    parameter name (plain tensors on a single process); what `dcp` saves, and loads into in place."""
+    model, optimizer = get_state_dict(ctx.model, ctx.optimizer)
+    return {"model": model, "optimizer": optimizer}
+
+
 def prune(output_dir, keep):
     """Remove all but the newest `keep` complete checkpoints (keep 0: remove none)."""
     if keep > 0:
@@ -110,13 +120,14 @@ def prune(output_dir, keep):
 
 
 def resume(ctx, path):
-    """Restore the optimizer and this rank's RNG states from checkpoint `path` (its weights were loaded by
-    `loop.setup`); returns the step it was written at."""
+    """Restore the fp32 weights, the optimizer and this rank's RNG states from checkpoint `path`; returns the step
+    it was written at. Collective: each rank reads the slices of the shards it now holds, whatever the number of
+    ranks that wrote them."""
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
-    optimizer = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True) if rank() == 0 else {}
-    set_optimizer_state_dict(ctx.model, ctx.optimizer, optim_state_dict=optimizer,
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=world() > 1))
+    shards = training_state(ctx)
+    dcp.load(shards, checkpoint_id=os.path.join(path, "dcp"))
+    set_state_dict(ctx.model, ctx.optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
     rng_file = os.path.join(path, f"rng_rank{rank()}.pt")
     if state["world_size"] == world():
         set_rng_state(torch.load(rng_file, weights_only=True))

@@ -62,6 +62,7 @@ class Config:
     save_vis: int = opt(0, "pictures of the first N questions")
     limit: int = opt(0, "evaluate only the first N questions (0: all)")
     batch_size: int = opt(8, "questions per generate call")
+    rollout_batch_size: int = opt(0, "at most N trajectories per generate call (chunks of a batch); 0: all")
     global_max_pixels: int = opt(0, "0: the checkpoint's image processor's max_pixels")
     crop_max_pixels: int = opt(0, "0: same as the global view's")
     max_new_tokens: int = opt(64, "direct mode")
@@ -151,16 +152,27 @@ def record(traj, mode, seconds):
             "visual_tokens": visual_tokens(traj), "seconds": seconds}
 
 
+def rank_share(count, rank, world_size):
+    """(the questions this rank answers, how many of them it records): its strided share of `count` questions,
+    then its last one (question 0 if it has none) again up to ceil(count / world_size), so that every rank runs
+    the same batches, none empty. On an FSDP-sharded model (report.held_out during training) each generate is
+    collective: a rank with a batch fewer would leave the others waiting in it forever.
+    E.g. 9 questions on 2 ranks: rank 0 ([0, 2, 4, 6, 8], 5), rank 1 ([1, 3, 5, 7, 7], 4)."""
+    mine = list(range(rank, count, world_size))
+    stand_ins = -(-count // world_size) - len(mine)
+    return mine + [mine[-1] if mine else 0] * stand_ins, len(mine)
+
+
 def answer_all(policy, samples, cfg, rank, world_size, vis_dir):
-    """This rank's strided share of the questions (no question dropped: nothing here is collective)."""
-    mine = list(range(rank, len(samples), world_size))
+    """The records of this rank's share of the questions (`rank_share`: no question dropped or counted twice)."""
+    share, recorded = rank_share(len(samples), rank, world_size)
     records = []
-    for start in tqdm(range(0, len(mine), cfg.batch_size), disable=rank != 0, desc=f"eval {cfg.probe}"):
-        index = mine[start:start + cfg.batch_size]
+    for start in tqdm(range(0, len(share), cfg.batch_size), disable=rank != 0, desc=f"eval {cfg.probe}"):
+        index = share[start:start + cfg.batch_size]
         began = time.time()
         trajs = run_batch(policy, [samples[i] for i in index], cfg)
         seconds = (time.time() - began) / len(trajs)
-        for i, traj in zip(index, trajs):
+        for _, i, traj in zip(range(start, recorded), index, trajs):  # stops before the stand-ins
             records.append({"index": i, **record(traj, cfg.mode, seconds)})
             if i < cfg.save_vis:
                 verdict = f"{'correct' if records[-1]['correct'] else 'wrong'} (answer {traj.sample.answer})"

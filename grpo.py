@@ -6,13 +6,22 @@ One update over a rollout batch:
                                                           (skipped when there is one step per batch: ratio = 1)
     for each mini-batch:                                  one optimizer step each
         for each micro-batch:                             gradient accumulation
-            ratio = exp(logprobs - old_logprobs)
-            loss  = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)  [+ kl_coef * k3(ref, policy)]
+            ratio = exp(clamp(logprobs - old_logprobs, -20, 20))
+            pg    = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
+            pg    = min(pg, -A * clip_ratio_c)   where A < 0             dual clip (0: off)
+            w     = min(exp(old_logprobs - rollout_logprobs), tis_cap)   truncated importance sampling, detached
+                                                                         (1 when tis_cap is 0)
+            loss  = w * pg [+ kl_coef * min(k3(ref, policy), kl_clamp)]
             (sum over sampled tokens) / (tokens in the global mini-batch / world_size) -> backward
         clip grad norm, AdamW step (skipped on a non-finite norm)
 
-Under FSDP2 gradients are averaged over ranks, so dividing each rank's token sum by global_tokens / world_size
-gives the exact token-mean over the global mini-batch.
+Under FSDP2 every backward reduce-scatters and gradients are averaged over ranks, so dividing each rank's token sum
+by global_tokens / world_size gives the exact token-mean over the global mini-batch.
+
+`rollout_logprobs` are those of the sampler (`generate`); `old_logprobs` those of the training forward with the
+same weights. In fp32 they agree to ~1e-6; in bf16 they do not, and w corrects the gradient for sampling from the
+rollout's distribution (verl's and TRL's truncated importance sampling). The mean |difference| and the k3 KL
+between the two are logged every step.
 """
 
 import math
@@ -22,6 +31,10 @@ from torch.utils.checkpoint import checkpoint
 
 from distributed import all_reduce_sum, world
 from rollout import collate, forbidden_token_ids
+
+# verl's bound on a log-ratio before exp: e^20 = 4.9e8 keeps every ratio, and its gradient, finite (fp32 and bf16
+# overflow past e^88; an inf ratio times A = 0 is NaN)
+LOG_RATIO_CLAMP = 20.0
 
 
 def group_advantages(rewards, group_size, scale_by_std=True, eps=1e-6):
@@ -64,11 +77,15 @@ def training_batch(trajs, tokenizer, image_token_id, device, dtype):
     batch = collate([t.input_ids for t in trajs], [t.pixel_values for t in trajs],
                     [t.image_grid_thw for t in trajs], tokenizer.pad_token_id, image_token_id, left_pad=False,
                     device=device, dtype=dtype)
-    width = batch["input_ids"].shape[1]
-    loss_mask = torch.zeros((len(trajs), width), dtype=torch.float32)
-    for i, t in enumerate(trajs):
-        loss_mask[i, :len(t.loss_mask)] = torch.tensor(t.loss_mask, dtype=torch.float32)
-    return batch, loss_mask.to(device)
+    return batch, padded([t.loss_mask for t in trajs], batch["input_ids"].shape[1], device)
+
+
+def padded(rows, width, device):
+    """Per-token lists as one fp32 [len(rows), width] tensor, each row right-padded with 0."""
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out.to(device)
 
 
 def sequence_logprobs(model, batch, loss_mask, forbidden, temperature=1.0):
@@ -93,20 +110,41 @@ def sequence_logprobs(model, batch, loss_mask, forbidden, temperature=1.0):
     return torch.where(loss_mask > 0, out, 0.0)  # not `out * mask`: unsampled image tokens score -inf
 
 
-def policy_loss(logprobs, old_logprobs, advantages, clip_eps_low, clip_eps_high, ref_logprobs=None, kl_coef=0.0):
+def k3(log_r, clamp=0.0):
+    """Schulman's k3 estimate of KL(q || p) from a token sampled from q, log_r = log p - log q:
+    exp(log_r) - log_r - 1, unbiased and never negative. log_r is first clamped to +-20 (as verl does); `clamp` > 0
+    caps the result (verl's 10), which also zeroes the gradient of a token past it.
+
+    E.g. log_r = log 2: 2 - 0.6931 - 1 = 0.3069. A gap of 25: e^20 - 21 = 4.9e8 (e^25 - 26 = 7.2e10 unclamped),
+    10 with clamp 10."""
+    log_r = log_r.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    kl = torch.exp(log_r) - log_r - 1
+    return kl.clamp(max=clamp) if clamp > 0 else kl
+
+
+def policy_loss(logprobs, old_logprobs, advantages, clip_eps_low, clip_eps_high, clip_ratio_c=0.0,
+                ref_logprobs=None, kl_coef=0.0, kl_clamp=0.0, tis_weights=None):
     """Per-token clipped surrogate (+ k3 KL) [B, L]; the caller weights and sums it. Returns (loss, clipped, kl).
 
-    logprobs/old_logprobs [B, L], advantages [B]. With ratio 1.5, A = 1, eps 0.2: loss -min(1.5, 1.2) = -1.2
-    (clipped); with A = -1: -min(-1.5, -1.2) = 1.5 (not clipped)."""
-    ratio = torch.exp(logprobs - old_logprobs)
+    logprobs/old_logprobs/ref_logprobs/tis_weights [B, L], advantages [B]. Worked numbers, eps 0.2:
+    - ratio 1.5, A = 1: -min(1.5, 1.2) = -1.2 (clipped); A = -1: -min(-1.5, -1.2) = 1.5 (not clipped).
+    - dual clip (clip_ratio_c = c > 1) bounds a negative advantage's loss by -A * c: ratio 5, A = -1, c = 3:
+      min(max(5, 1.2), 3) = 3 (5 without it), and no gradient.
+    - the log-ratio is clamped to +-20: a ratio e^30 counts as e^20 = 4.9e8 (an unbounded exp overflows to inf).
+    - tis_weights w (detached) multiply the surrogate, not the KL: w = 1.5, ratio 1, A = 1 -> -1.5.
+    - KL: policy log-prob log 0.5, reference log 1: k3 = 2 - log 2 - 1 = 0.3069; kl_clamp caps it (`k3`)."""
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     adv = advantages[:, None]
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - clip_eps_low, 1 + clip_eps_high) * adv
     loss = -torch.minimum(unclipped, clipped)
+    if clip_ratio_c > 0:
+        loss = torch.where(adv < 0, torch.minimum(loss, -adv * clip_ratio_c), loss)
+    if tis_weights is not None:
+        loss = loss * tis_weights
     kl = torch.zeros_like(loss)
     if kl_coef > 0:
-        log_r = ref_logprobs - logprobs
-        kl = torch.exp(log_r) - log_r - 1  # k3: unbiased, always >= 0
+        kl = k3(ref_logprobs - logprobs, kl_clamp)
         loss = loss + kl_coef * kl
     return loss, (clipped < unclipped).float(), kl
 
@@ -126,18 +164,15 @@ def batch_logprobs(model, trajs, tokenizer, cfg, device, dtype):
     return out
 
 
-def set_grad_sync(model, enabled):
-    """Skip the FSDP reduce-scatter on all but the last micro-batch of an accumulation."""
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(enabled)
-
-
 def grpo_update(model, optimizer, trajs, advantages, tokenizer, cfg, device, dtype, ref_model=None):
     """Optimizer steps over `trajs` (this rank's share of the batch). Returns averaged metrics.
 
     cfg needs: mini_batch_size, micro_batch_size (in trajectories per rank), ppo_epochs, clip_eps_low/high,
-    kl_coef, loss_agg ('token_mean' | 'seq_mean'), max_grad_norm, temperature."""
-    model.eval()  # no dropout: the ratio must be exactly 1 before the first step
+    clip_ratio_c, kl_coef, kl_clamp, tis_cap, loss_agg ('token_mean' | 'seq_mean'), max_grad_norm, temperature,
+    gradient_checkpointing."""
+    # HF checkpoints layers only in training mode. Qwen2.5-VL has no dropout (attention_dropout 0, checked at
+    # start-up), so the mode changes nothing else: the ratio is still exactly 1 before the first step.
+    model.train(cfg.gradient_checkpointing)
     micro_index = list(range(math.ceil(len(trajs) / cfg.micro_batch_size)))
     per_mini = cfg.mini_batch_size // cfg.micro_batch_size
     # With one optimizer step per rollout batch the old policy *is* the current one: the ratio is exactly 1 and
@@ -146,7 +181,8 @@ def grpo_update(model, optimizer, trajs, advantages, tokenizer, cfg, device, dty
     old = None if single_step else batch_logprobs(model, trajs, tokenizer, cfg, device, dtype)
     ref = batch_logprobs(ref_model, trajs, tokenizer, cfg, device, dtype) if cfg.kl_coef > 0 else None
     forbidden = forbidden_token_ids(tokenizer)
-    totals = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "grad_norm": 0.0, "tokens": 0.0, "skipped": 0}
+    averaged = ("loss", "clip_frac", "kl", "rollout_logprob_diff", "rollout_kl")
+    totals = {**dict.fromkeys(averaged, 0.0), "grad_norm": 0.0, "tokens": 0.0, "skipped": 0}
     steps = 0
     for _ in range(cfg.ppo_epochs):
         for mini in split(micro_index, per_mini):
@@ -158,39 +194,47 @@ def grpo_update(model, optimizer, trajs, advantages, tokenizer, cfg, device, dty
             else:
                 totals["skipped"] += 1
             optimizer.zero_grad(set_to_none=True)
-            for k in ("loss", "clip_frac", "kl", "tokens"):
+            for k in (*averaged, "tokens"):
                 totals[k] += step[k]
             totals["grad_norm"] += grad_norm.item()
             steps += 1
+    model.eval()
     return {k: (v / steps if k not in ("skipped", "tokens") else v) for k, v in totals.items()}
 
 
 def accumulate(model, trajs, advantages, old, ref, micros, tokenizer, cfg, device, dtype, forbidden):
-    """Forward/backward over the micro-batches of one mini-batch; gradients hold the global loss mean."""
+    """Forward/backward over the micro-batches of one mini-batch; gradients hold the global loss mean.
+
+    Under FSDP2 every backward reduce-scatters, and FSDP2 adds the result to the sharded gradients: a rank never
+    holds more than its shard (1/world of the fp32 gradients). Skipping that sync on all but the last micro-batch
+    would keep unsharded fp32 gradients of the whole model on every rank, 33 GB at 7B."""
     size = cfg.micro_batch_size
     masks = [torch.tensor([sum(t.loss_mask) for t in trajs[i * size:(i + 1) * size]]) for i in micros]
     if cfg.loss_agg == "token_mean":
         denom = all_reduce_sum(sum(m.sum().item() for m in masks)) / world()
     else:  # seq_mean: each sequence's token-mean, averaged over the global mini-batch's sequences
         denom = all_reduce_sum(sum(len(m) for m in masks)) / world()
-    stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "tokens": 0.0}
-    for j, i in enumerate(micros):
-        set_grad_sync(model, j == len(micros) - 1)
+    stats = dict.fromkeys(("loss", "clip_frac", "kl", "rollout_logprob_diff", "rollout_kl", "tokens"), 0.0)
+    for i in micros:
         micro = trajs[i * size:(i + 1) * size]
         batch, mask = training_batch(micro, tokenizer, model.config.image_token_id, device, dtype)
         weight = mask if cfg.loss_agg == "token_mean" else mask / mask.sum(1, keepdim=True).clamp(min=1)
         logprobs = sequence_logprobs(model, batch, mask, forbidden, cfg.temperature)
         old_logprobs = logprobs.detach() if old is None else old[i].to(device)
+        # log p_train - log p_rollout of each sampled token, same weights (0 elsewhere: both are 0 there)
+        drift = old_logprobs - padded([t.rollout_logprobs for t in micro], mask.shape[1], device)
         loss, clipped, kl = policy_loss(logprobs, old_logprobs, advantages[i * size:(i + 1) * size].to(device),
-                                        cfg.clip_eps_low, cfg.clip_eps_high,
-                                        None if ref is None else ref[i].to(device), cfg.kl_coef)
+                                        cfg.clip_eps_low, cfg.clip_eps_high, cfg.clip_ratio_c,
+                                        None if ref is None else ref[i].to(device), cfg.kl_coef, cfg.kl_clamp,
+                                        drift.exp().clamp(max=cfg.tis_cap) if cfg.tis_cap > 0 else None)
         loss = (loss * weight).sum() / denom
         loss.backward()
         stats["loss"] += loss.item()
         stats["clip_frac"] += (clipped * mask).sum().item()
         stats["kl"] += (kl * mask).sum().item()
+        stats["rollout_logprob_diff"] += drift.abs().sum().item()
+        stats["rollout_kl"] += k3(drift).sum().item()  # KL(rollout || training) from the rollout's samples
         stats["tokens"] += mask.sum().item()
-    set_grad_sync(model, True)
-    stats["clip_frac"] /= max(stats["tokens"], 1)
-    stats["kl"] /= max(stats["tokens"], 1)
+    for k in ("clip_frac", "kl", "rollout_logprob_diff", "rollout_kl"):
+        stats[k] /= max(stats["tokens"], 1)
     return stats

@@ -26,7 +26,8 @@ from config import opt
 from data import batches, load_samples, shard
 from distributed import all_reduce_sum, setup_distributed
 from grpo import group_advantages, grpo_update
-from model import default_device, load_policy, shard_model
+from memory import startup_summary
+from model import default_device, gathered, load_policy
 from report import held_out, load_before, write_report
 from tiny import resolve_model_path
 
@@ -55,7 +56,10 @@ class TrainConfig:
     attn_implementation: str = opt("sdpa", "passed to from_pretrained: 'sdpa', 'eager' or 'flash_attention_2'")
     clip_eps_low: float = opt(0.2, "PPO clip: the ratio is clipped below at 1 - clip_eps_low")
     clip_eps_high: float = opt(0.2, "PPO clip: the ratio is clipped above at 1 + clip_eps_high")
+    clip_ratio_c: float = opt(3.0, "dual clip: a negative advantage's token loss is at most -A * c (verl's 3; 0: off)")
     kl_coef: float = opt(0.0, "k3 KL to the initial policy; the reference is only built when > 0")
+    kl_clamp: float = opt(10.0, "cap on each token's k3 KL, as verl's low_var_kl (0: no cap)")
+    tis_cap: float = opt(0.0, "truncated importance sampling: weight tokens by min(p_train / p_rollout, C); 0: off")
     loss_agg: str = opt("token_mean", "'token_mean' over the global batch, or 'seq_mean'")
     scale_by_std: bool = opt(True, "False: Dr.GRPO advantages (no division by the group std)")
     max_grad_norm: float = opt(1.0, "gradient norm clip per optimizer step")
@@ -78,12 +82,15 @@ def check_config(cfg, world_size, extra=()):
         (cfg.batch_size % world_size == 0, f"--batch_size {cfg.batch_size} is not divisible by {world_size} ranks"),
         (cfg.max_steps >= 1, "--max_steps must be >= 1"),
         (cfg.micro_batch_size >= 1, "--micro_batch_size must be >= 1"),
+        (cfg.rollout_batch_size >= 0, "--rollout_batch_size must be >= 0 (0: all of a rank's rollouts at once)"),
         (cfg.mini_batch_size == 0 or per_rank_trajs % cfg.mini_batch_size == 0,
          f"--mini_batch_size {cfg.mini_batch_size} must divide the {per_rank_trajs} trajectories per rank"),
         ((cfg.mini_batch_size or per_rank_trajs) % cfg.micro_batch_size == 0,
          f"--micro_batch_size {cfg.micro_batch_size} must divide the mini-batch "
          f"({cfg.mini_batch_size or per_rank_trajs} trajectories per rank)"),
         (cfg.loss_agg in ("token_mean", "seq_mean"), f"--loss_agg {cfg.loss_agg!r}: use token_mean or seq_mean"),
+        (cfg.clip_ratio_c == 0 or cfg.clip_ratio_c > 1, f"--clip_ratio_c {cfg.clip_ratio_c} must be > 1 (or 0: off)"),
+        (cfg.kl_clamp >= 0 and cfg.tis_cap >= 0, "--kl_clamp and --tis_cap must be >= 0 (0: off)"),
         (cfg.temperature > 0, "--temperature must be > 0"),
         (cfg.global_max_pixels == 0 or cfg.global_max_pixels >= 28 * 28,
          "--global_max_pixels must be >= 784 (one visual token) or 0"),
@@ -128,14 +135,22 @@ def setup(cfg, extra_checks=()):
     if cfg.resume and resume_from is None:
         raise SystemExit(f"error: --resume: no complete checkpoint in --output_dir {cfg.output_dir}")
     path = resolve_model_path(cfg.model, cfg.output_dir)
-    model, tokenizer, image_processor = load_policy(resume_from or path, device, dtype)
+    sharded = dist.is_initialized()  # rank 0 reads, every rank receives only its shards (model.load_sharded)
+    model, tokenizer, image_processor = load_policy(resume_from or path, device, dtype, cfg.attn_implementation,
+                                                    shard=sharded)
     fill_budgets(cfg, image_processor)
-    ref_model = load_policy(path, device, dtype)[0].requires_grad_(False) if cfg.kl_coef > 0 else None
-    if dist.is_initialized():
-        model = shard_model(model, dtype)
-        if ref_model is not None:
-            ref_model = shard_model(ref_model, dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if rank == 0:
+        print(startup_summary(cfg, path, world_size))
+    ref_model = load_policy(path, device, dtype, cfg.attn_implementation, shard=sharded,
+                            frozen=True)[0] if cfg.kl_coef > 0 else None
+    if cfg.gradient_checkpointing:
+        if model.config.text_config.attention_dropout:  # the update then runs in training mode (grpo_update)
+            raise SystemExit("error: --gradient_checkpointing needs attention_dropout 0 in the model config")
+        model.activation_checkpointing_enable({"use_reentrant": False})  # every decoder layer and vision block
+    if cfg.freeze_vision_tower:
+        model.model.visual.requires_grad_(False)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     cfg.mini_batch_size = cfg.mini_batch_size or cfg.batch_size // world_size * cfg.num_generations
     ctx = SimpleNamespace(rank=rank, world_size=world_size, device=device, dtype=dtype, model=model,
                           ref_model=ref_model, tokenizer=tokenizer, image_processor=image_processor,
@@ -220,7 +235,8 @@ def train_step(ctx, cfg, prompts, rollout_fn):
     """Rollout and rewards (the recipe's), then group advantages and the GRPO update; metrics over all ranks."""
     start = time.time()
     ctx.model.eval()
-    trajs, rewards, metrics = rollout_fn(ctx, cfg, prompts)
+    with gathered(ctx.model):  # the weights all-gathered once, not at every decoded token
+        trajs, rewards, metrics = rollout_fn(ctx, cfg, prompts)
     rollout_seconds = time.time() - start
     advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_by_std)
     update_start = time.time()
@@ -228,7 +244,8 @@ def train_step(ctx, cfg, prompts, rollout_fn):
                         ctx.ref_model)
     update_seconds = time.time() - update_start
     metrics = reduce_metrics({"reward": (sum(rewards), len(rewards)), **metrics,
-                              **{k: (stats[k], 1) for k in ("loss", "clip_frac", "kl", "grad_norm")}})
+                              **{k: (stats[k], 1) for k in ("loss", "clip_frac", "kl", "grad_norm",
+                                                            "rollout_logprob_diff", "rollout_kl")}})
     sampled = all_reduce_sum(sum(sum(t.loss_mask) for t in trajs))
     total = all_reduce_sum(sum(len(t.input_ids) for t in trajs))
     metrics.update({"skipped_updates": stats["skipped"], "seconds": time.time() - start,

@@ -211,6 +211,16 @@ def format_table(columns, gpu_gib, unit=GiB):
     return "\n".join(out)
 
 
+def startup_summary(cfg, checkpoint, world_size, gpu_gib=80):
+    """What a run prints at start-up: the resolved pixel budgets, visual tokens per image, and the predicted peak
+    memory per GPU of each phase (the ledger above, for this checkpoint's shape)."""
+    prediction = predict(cfg, load_model_config(checkpoint), world_size)
+    phases = ", ".join(f"{phase} {total(lines) / GiB:.1f}" for phase, lines in prediction.items())
+    return (f"pixel budgets: global view {cfg.global_max_pixels} ({visual_tokens_per_image(cfg.global_max_pixels)}"
+            f" visual tokens), each crop {cfg.crop_max_pixels} ({visual_tokens_per_image(cfg.crop_max_pixels)})\n"
+            f"predicted peak GiB per GPU (memory.py, {world_size} ranks, worst case): {phases}")
+
+
 def peak_gib(prediction):
     return max(total(lines) for lines in prediction.values()) / GiB
 

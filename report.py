@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 from data import read_benchmark, synthetic_samples
 from eval import HELD_OUT_SEED, answer_all, gather, metrics
+from model import gathered
 from pictures import draw_curves, save_picture
 
 # (metrics key, column title) of the table; eval.metrics computes every one of them
@@ -31,7 +32,8 @@ def held_out_questions(cfg):
 
 def eval_options(cfg, mode):
     """eval.py's options for this run's decoding budgets: greedy, no probe."""
-    return SimpleNamespace(mode=mode, batch_size=cfg.eval_batch_size, save_vis=cfg.eval_pictures, probe="none",
+    return SimpleNamespace(mode=mode, batch_size=cfg.eval_batch_size, rollout_batch_size=cfg.rollout_batch_size,
+                           save_vis=cfg.eval_pictures, probe="none",
                            temperature=1.0, do_sample=False, min_pixels=cfg.min_pixels,
                            global_max_pixels=cfg.global_max_pixels, crop_max_pixels=cfg.crop_max_pixels,
                            max_new_tokens=cfg.max_new_tokens_turn2 if mode == "direct" else 0,
@@ -44,14 +46,15 @@ def eval_options(cfg, mode):
 
 def held_out(ctx, cfg, mode, when):
     """Metrics of the current policy on the held-out questions, saved as held_out_{when}.json. Every rank answers
-    its strided share; with --eval_samples a multiple of the world size, all ranks run equally many batches (the
-    sharded model's generate is collective)."""
+    its strided share in equally many batches, whatever the number of questions (`eval.rank_share`): the sharded
+    model's generate is collective."""
     options = eval_options(cfg, mode)
     questions = held_out_questions(cfg)
     vis_dir = os.path.join(cfg.output_dir, "pictures", when)
     ctx.model.eval()
-    records = gather(answer_all((ctx.model, ctx.tokenizer, ctx.image_processor), questions, options, ctx.rank,
-                                ctx.world_size, vis_dir))
+    with gathered(ctx.model):  # the weights all-gathered once, not at every decoded token
+        records = gather(answer_all((ctx.model, ctx.tokenizer, ctx.image_processor), questions, options, ctx.rank,
+                                    ctx.world_size, vis_dir))
     result = metrics(records)
     if ctx.rank == 0:
         with open(os.path.join(cfg.output_dir, f"held_out_{when}.json"), "w") as f:

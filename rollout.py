@@ -17,6 +17,7 @@ only read (box parsing, rewards, logs).
 """
 
 import json
+import math
 import re
 import zlib
 from dataclasses import dataclass, field, replace
@@ -29,7 +30,7 @@ from transformers import DynamicCache, GenerationConfig, LogitsProcessor, Stoppi
 from crop import (TOOL_NAME, crop_original, is_valid_box, parse_box, parse_tool_call, resize_for_model,
                   to_original)
 from data import Sample, format_choices, load_image
-from distributed import any_rank, world
+from distributed import is_sharded, max_over_ranks
 
 
 @dataclass(frozen=True)
@@ -155,8 +156,8 @@ def encode_user_turn(tokenizer, parts, grids):
 
 def close_assistant_turn(tokenizer, sampled):
     """Ids that end an assistant turn the way the chat template does: '<|im_end|>\\n', of which the model may
-    already have sampled the '<|im_end|>' (it stops there); a turn cut by a stop string or the length limit
-    gets the whole closing."""
+    already have sampled the '<|im_end|>' (it stops there); a turn cut by a stop string or the length limit, or
+    ended by another of the checkpoint's end ids (Qwen's <|endoftext|>, kept as sampled), gets the whole closing."""
     text = "\n" if sampled and sampled[-1] == tokenizer.eos_token_id else tokenizer.eos_token + "\n"
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -200,20 +201,27 @@ def collate(seqs, pixel_values, grids, pad_id, image_token_id, left_pad, device=
     return batch
 
 
-class LogProbRecorder(LogitsProcessor):
-    """Records the sampling log-prob of each generated token without keeping [steps, batch, vocab] of scores.
+class SamplingLogProbs(LogitsProcessor):
+    """Makes the sampling distribution and records the log-prob of each sampled token, in one place: forbidden ids
+    get -inf, the logits are divided by the temperature (the training forward's `grpo.chunk_logprobs` does the
+    same), and the log-softmax is both kept and returned. transformers' own processors are no-ops
+    (`generation_config`), so what generate samples from is what is recorded, whatever order it runs them in.
 
     At step t it sees the scores for token t and the ids up to token t-1, so it stores this step's log-softmax
-    and gathers the previous step's for the token just sampled; `finish` gathers the last one."""
+    and gathers the previous step's for the token just sampled; `finish` gathers the last one. It never holds
+    more than one step's [batch, vocab]."""
 
-    def __init__(self, temperature):
-        self.temperature, self.previous, self.logprobs = temperature, None, []
+    def __init__(self, forbidden, temperature):
+        self.forbidden, self.temperature, self.previous, self.logprobs = torch.tensor(forbidden), temperature, None, []
 
     def __call__(self, input_ids, scores):
         if self.previous is not None:
             self.logprobs.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        return scores
+        scores = scores.float() / self.temperature  # a new tensor: generate's own logits are not touched
+        self.forbidden = self.forbidden.to(scores.device)  # copied to the device once, not at every step
+        scores[:, self.forbidden] = -math.inf
+        self.previous = torch.log_softmax(scores, dim=-1)
+        return self.previous
 
     def finish(self, sequences):
         self.logprobs.append(self.previous.gather(1, sequences[:, -1:]).squeeze(1))
@@ -222,21 +230,21 @@ class LogProbRecorder(LogitsProcessor):
 
 class StopAtPattern(StoppingCriteria):
     """Per-row stop once the generated text matches `pattern`; remembers where each row stopped. Each step decodes
-    only the newest token of each row (the text so far is kept), so checking costs the same at every length."""
+    only the newest token of each row (the text so far is kept), so checking costs the same at every length, and
+    brings the newest tokens to the host in one transfer (not one synchronising read per row)."""
 
     def __init__(self, tokenizer, prompt_len, pattern):
         self.tokenizer, self.prompt_len, self.pattern = tokenizer, prompt_len, re.compile(pattern, re.DOTALL)
         self.texts, self.stop_at = {}, {}
 
     def __call__(self, input_ids, scores, **kwargs):
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for row in range(input_ids.shape[0]):
+        newest = input_ids[:, -1].tolist()
+        for row, token in enumerate(newest):
             if row not in self.stop_at:
-                self.texts[row] = self.texts.get(row, "") + self.tokenizer.decode(input_ids[row, -1:])
+                self.texts[row] = self.texts.get(row, "") + self.tokenizer.decode([token])
                 if self.pattern.search(self.texts[row]):
                     self.stop_at[row] = input_ids.shape[1] - self.prompt_len
-            done[row] = row in self.stop_at
-        return done
+        return torch.tensor([row in self.stop_at for row in range(len(newest))], device=input_ids.device)
 
 
 JSON_BLOCK_END = r"```json.*?```"           # MGPO turn 1: the box block is complete
@@ -246,6 +254,14 @@ TOOL_TURN_END = r"</tool_call>|</answer>"  # tool recipe: a call to run, or the 
 def forbidden_token_ids(tokenizer):
     """Ids the policy may never sample: a sampled image placeholder or vision-start breaks the next forward."""
     return tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>"])
+
+
+def end_of_turn_ids(model, tokenizer):
+    """The ids that end an assistant turn: the checkpoint's `generation_config` eos ids (an int or a list: Qwen's
+    lists <|im_end|> and <|endoftext|>) and the tokenizer's eos, the chat template's closing of a turn."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return sorted(set(ids) | {tokenizer.eos_token_id})
 
 
 @dataclass
@@ -292,33 +308,37 @@ def continue_batch(model, tokenizer, trajs, turn):
     return {"input_ids": input_ids, "attention_mask": attention_mask,
             "mm_token_type_ids": ((input_ids == model.config.image_token_id) & (attention_mask == 1)).long(),
             "image_grid_thw": torch.cat([t.image_grid_thw for t in trajs]).to(input_ids.device),
-            "mm_encoder_outputs": {"image": features}, "past_key_values": turn.past_key_values}
+            "mm_encoder_outputs": {"image": features}, "cache": turn.past_key_values}
+
+
+def generation_config(end_ids, pad_id, max_new_tokens, do_sample):
+    """Generate's settings, with each of transformers' own logits processors a no-op: `SamplingLogProbs` alone
+    makes the distribution. Set explicitly, since generate fills a None from the checkpoint's own
+    generation_config (Qwen2.5-VL-Instruct's: temperature 0.1, top_k 1, top_p 0.001, repetition_penalty 1.05)."""
+    sampling = dict(temperature=1.0, top_k=0, top_p=1.0) if do_sample else {}  # greedy runs no warper
+    return GenerationConfig(do_sample=do_sample, **sampling, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
+                            eos_token_id=end_ids, pad_token_id=pad_id, return_dict_in_generate=True)
 
 
 @torch.no_grad()
 def generate_turn(model, tokenizer, batch, max_new_tokens, temperature=1.0, stop_pattern=None, do_sample=True):
     """One assistant turn for a batch of conversations; `batch` is generate's input (`prompt_batch` or
-    `continue_batch`). Returns ((sampled ids, their log-probs) per conversation, each cut after the first
-    `<|im_end|>` or after the token that completes a match of `stop_pattern`; the `TurnCache` after it)."""
-    config = GenerationConfig(do_sample=do_sample, temperature=temperature if do_sample else None,
-                              top_k=0 if do_sample else None, top_p=1.0 if do_sample else None,
-                              repetition_penalty=1.0, max_new_tokens=max_new_tokens,
-                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                              suppress_tokens=forbidden_token_ids(tokenizer), return_dict_in_generate=True)
-    recorder = LogProbRecorder(temperature if do_sample else 1.0)  # greedy: the model's own distribution
+    `continue_batch`). Returns ((sampled ids, their log-probs) per conversation, each cut after its first end id
+    (`end_of_turn_ids`) or after the token that completes a match of `stop_pattern`; the `TurnCache` after it).
+    Log-probs are those of the tempered distribution sampled from (greedy: the model's own, temperature 1)."""
+    end_ids = end_of_turn_ids(model, tokenizer)
+    config = generation_config(end_ids, tokenizer.pad_token_id, max_new_tokens, do_sample)
+    recorder = SamplingLogProbs(forbidden_token_ids(tokenizer), temperature if do_sample else 1.0)
     prompt_len = batch["input_ids"].shape[1]
     stop = [StopAtPattern(tokenizer, prompt_len, stop_pattern)] if stop_pattern else []
-    synced = world() > 1  # FSDP: every rank runs every decoding step
     out = model.generate(**batch, generation_config=config, logits_processor=[recorder], stopping_criteria=stop,
-                         synced_gpus=synced)
+                         synced_gpus=is_sharded(model))  # sharded: every rank runs every decoding step
     logprobs = recorder.finish(out.sequences).cpu()
     generated = out.sequences[:, prompt_len:].cpu()
     results = []
     for row in range(generated.shape[0]):
         ids = generated[row].tolist()
-        length = len(ids)
-        if tokenizer.eos_token_id in ids:
-            length = ids.index(tokenizer.eos_token_id) + 1
+        length = next((k + 1 for k, token in enumerate(ids) if token in end_ids), len(ids))
         if stop and row in stop[0].stop_at:
             length = min(length, stop[0].stop_at[row])
         results.append((ids[:length], logprobs[row, :length].tolist()))
@@ -332,9 +352,9 @@ def turn_cache(batch, out, results):
     mask = torch.cat([batch["attention_mask"], torch.zeros_like(out.sequences[:, prompt_len:])], 1)
     for row, (ids, _) in enumerate(results):
         mask[row, prompt_len:prompt_len + len(ids)] = 1
-    extra = out.past_key_values.get_seq_length() - (out.sequences.shape[1] - 1)
-    out.past_key_values.crop(-extra)  # a negative count: the columns to drop from the end
-    return TurnCache(out.sequences, mask, out.past_key_values)
+    extra = out.cache.get_seq_length() - (out.sequences.shape[1] - 1)
+    out.cache.crop(-extra)  # a negative count: the columns to drop from the end
+    return TurnCache(out.sequences, mask, out.cache)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -376,6 +396,26 @@ def fork(traj):
     return replace(traj, input_ids=list(traj.input_ids), loss_mask=list(traj.loss_mask), texts=list(traj.texts),
                    rollout_logprobs=list(traj.rollout_logprobs), images=list(traj.images),
                    pixel_values=list(traj.pixel_values), crop_boxes=list(traj.crop_boxes))
+
+
+def chunks(model, items, size):
+    """`items` in consecutive chunks of at most `size` (0: one chunk), one rollout each, so that only one chunk's
+    KV cache and pixels exist at a time. A sharded model's generate is collective, so every rank then goes through
+    as many chunks as the rank with the most; the chunks it lacks are None, for a stand-in whose result is
+    discarded. E.g. 6 items, size 4 -> [items[0:4], items[4:6]]; sharded, with another rank at 3 chunks ->
+    [items[0:4], items[4:6], None]; no items and no rank with any -> []."""
+    if size < 0:
+        raise ValueError(f"rollout_batch_size {size}: use 0 (one chunk) or more")
+    step = size or max(len(items), 1)
+    out = [items[start:start + step] for start in range(0, len(items), step)]
+    if is_sharded(model):
+        out += [None] * (int(max_over_ranks(len(out))) - len(out))
+    return out
+
+
+def release_cache():
+    """Hand the freed KV caches' memory back to the device for the update (caching allocator); no-op on CPU."""
+    torch.cuda.empty_cache()
 
 
 def generate_for(model, tokenizer, trajs, max_new_tokens, cfg, stop_pattern=None, after=None):
@@ -452,25 +492,51 @@ def mgpo_rollout(model, tokenizer, image_processor, samples, num_generations, cf
     """`num_generations` two-turn trajectories per sample, grouped: trajectories[i*n:(i+1)*n] share sample i.
 
     Turn 2 continues from turn 1's KV cache: its prefill encodes the crop and the new user turn, not the global
-    image and turn 1 again. `cfg` needs: global_max_pixels, crop_max_pixels, min_pixels, max_new_tokens_turn1,
-    max_new_tokens_turn2, temperature (and optionally do_sample, default True)."""
-    trajs, turn1 = mgpo_grounding_turn(model, tokenizer, image_processor, samples, num_generations, cfg, prompts)
-    outs, _ = generate_for(model, tokenizer, trajs, cfg.max_new_tokens_turn2, cfg, after=turn1)
-    for traj, (sampled, logprobs) in zip(trajs, outs):
-        append_sampled(traj, sampled, logprobs, tokenizer)
+    image and turn 1 again. The trajectories go through both turns in chunks of `cfg.rollout_batch_size` (see
+    `chunks`), each chunk's cache freed before the next starts. `cfg` needs: global_max_pixels, crop_max_pixels,
+    min_pixels, max_new_tokens_turn1, max_new_tokens_turn2, temperature, rollout_batch_size (and optionally
+    do_sample, default True)."""
+    trajs, originals = mgpo_prompts(samples, tokenizer, image_processor, num_generations, cfg, prompts)
+    stand_in = [fork(t) for t in trajs[:1]]  # kept at its first prompt, for a rank out of chunks
+    for part in chunks(model, range(len(trajs)), cfg.rollout_batch_size):
+        if part is None:
+            mgpo_turns(model, tokenizer, image_processor, [fork(t) for t in stand_in], originals[:1], cfg, prompts)
+        else:
+            mgpo_turns(model, tokenizer, image_processor, [trajs[i] for i in part], [originals[i] for i in part],
+                       cfg, prompts)
+    release_cache()
     return trajs
 
 
-def mgpo_grounding_turn(model, tokenizer, image_processor, samples, num_generations, cfg, prompts=MGPO_PROMPTS):
-    """Turn 1 of `mgpo_rollout` (the box) and the turn-2 user message (the crop, or the global view again).
-    Returns (trajectories, turn 1's `TurnCache`)."""
-    trajs, originals = start_groups(samples, tokenizer, image_processor, num_generations, cfg, prompts.system,
-                                    lambda s: prompts.turn1.format(question=s.question))
+def mgpo_turns(model, tokenizer, image_processor, trajs, originals, cfg, prompts):
+    """Both turns of trajectories at their first prompt; turn 1's KV cache lives only until this returns."""
+    turn1 = grounding_turn(model, tokenizer, image_processor, trajs, originals, cfg, prompts)
+    outs, _ = generate_for(model, tokenizer, trajs, cfg.max_new_tokens_turn2, cfg, after=turn1)
+    for traj, (sampled, logprobs) in zip(trajs, outs):
+        append_sampled(traj, sampled, logprobs, tokenizer)
+
+
+def mgpo_prompts(samples, tokenizer, image_processor, num_generations, cfg, prompts):
+    """The grouped first prompts of `mgpo_rollout`: (trajectories, the original image of each)."""
+    return start_groups(samples, tokenizer, image_processor, num_generations, cfg, prompts.system,
+                        lambda s: prompts.turn1.format(question=s.question))
+
+
+def grounding_turn(model, tokenizer, image_processor, trajs, originals, cfg, prompts):
+    """Turn 1 (the box) and the turn-2 user message (the crop, or the global view again); returns turn 1's
+    `TurnCache`."""
     outs, turn1 = generate_for(model, tokenizer, trajs, cfg.max_new_tokens_turn1, cfg, stop_pattern=JSON_BLOCK_END)
     for traj, original, (sampled, logprobs) in zip(trajs, originals, outs):
         append_sampled(traj, sampled, logprobs, tokenizer)
         apply_turn1_box(traj, original, tokenizer, image_processor, prompts, cfg)
-    return trajs, turn1
+    return turn1
+
+
+def mgpo_grounding_turn(model, tokenizer, image_processor, samples, num_generations, cfg, prompts=MGPO_PROMPTS):
+    """Turn 1 of `mgpo_rollout` for all samples in one generate call, unchunked (bench.py and tests time and
+    check the turn-2 continuation on its cache). Returns (trajectories, turn 1's `TurnCache`)."""
+    trajs, originals = mgpo_prompts(samples, tokenizer, image_processor, num_generations, cfg, prompts)
+    return trajs, grounding_turn(model, tokenizer, image_processor, trajs, originals, cfg, prompts)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -503,32 +569,43 @@ def tool_step(traj, original, tokenizer, image_processor, cfg, prompts):
 def tool_rollout(model, tokenizer, image_processor, samples, num_generations, cfg, prompts=None):
     """`num_generations` tool-calling episodes per sample, grouped as in `mgpo_rollout`.
 
-    Each round generates one assistant turn for every episode still going; an episode ends at an answer, a turn
-    without a tool call, after `max_turns` executed calls (the model then had its last turn), or when its sampled
-    tokens reach `max_response_tokens`. `cfg` needs: global_max_pixels, crop_max_pixels, min_pixels,
-    max_turns, max_response_tokens, max_new_tokens_per_turn, temperature."""
+    Each round generates one assistant turn for every episode still going, in chunks of `cfg.rollout_batch_size`
+    (see `chunks`; on a sharded model the ranks agree on the number of chunks every round, as their episodes end
+    at different rounds); an episode ends at an answer, a turn without a tool call, after `max_turns` executed
+    calls (the model then had its last turn), or when its sampled tokens reach `max_response_tokens`. `cfg`
+    needs: global_max_pixels, crop_max_pixels, min_pixels, max_turns, max_response_tokens,
+    max_new_tokens_per_turn, temperature, rollout_batch_size."""
     prompts = prompts or TOOL_PROMPTS
     trajs, originals = start_groups(samples, tokenizer, image_processor, num_generations, cfg, prompts.system,
                                     lambda s: prompts.user.format(question=s.question,
                                                                   choices=format_choices(s.options)))
     active = list(range(len(trajs)))
-    while any_rank(active):
-        if not active:  # this rank is done, others are not: join their generate on a stand-in, discard it
-            generate_for(model, tokenizer, trajs[:1], 1, cfg)
-            continue
-        # each round re-encodes the active episodes' whole conversations, unlike MGPO's turn 2 that continues
-        # from turn 1's cache: the active episodes change from round to round, so continuing would mean picking
-        # their rows out of the last round's cache
-        room = {i: cfg.max_response_tokens - sum(trajs[i].loss_mask) for i in active}
-        outs, _ = generate_for(model, tokenizer, [trajs[i] for i in active],
-                               min(cfg.max_new_tokens_per_turn, max(room.values())), cfg, stop_pattern=TOOL_TURN_END)
-        going = []
-        for i, (sampled, logprobs) in zip(active, outs):
-            append_sampled(trajs[i], sampled[:room[i]], logprobs[:room[i]], tokenizer)
-            if tool_step(trajs[i], originals[i], tokenizer, image_processor, cfg, prompts):
-                going.append(i)
-        active = going
+    while parts := chunks(model, active, cfg.rollout_batch_size):
+        active = [i for part in parts for i in tool_turn(model, tokenizer, image_processor, trajs, originals, part,
+                                                         cfg, prompts)]
+    release_cache()
     return trajs
+
+
+def tool_turn(model, tokenizer, image_processor, trajs, originals, part, cfg, prompts):
+    """One assistant turn and the tool's response for the episodes `part` (indices into `trajs`); returns those
+    still going. `part` None: a stand-in generate that joins the other ranks' (sharded model), discarded.
+
+    Each round re-encodes the episodes' whole conversations, unlike MGPO's turn 2 that continues from turn 1's
+    cache: the active episodes change from round to round, so continuing would mean picking their rows out of the
+    last round's cache."""
+    if part is None:
+        generate_for(model, tokenizer, trajs[:1], 1, cfg)
+        return []
+    room = {i: cfg.max_response_tokens - sum(trajs[i].loss_mask) for i in part}
+    outs, _ = generate_for(model, tokenizer, [trajs[i] for i in part],
+                           min(cfg.max_new_tokens_per_turn, max(room.values())), cfg, stop_pattern=TOOL_TURN_END)
+    going = []
+    for i, (sampled, logprobs) in zip(part, outs):
+        append_sampled(trajs[i], sampled[:room[i]], logprobs[:room[i]], tokenizer)
+        if tool_step(trajs[i], originals[i], tokenizer, image_processor, cfg, prompts):
+            going.append(i)
+    return going
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -538,13 +615,15 @@ def direct_rollout(model, tokenizer, image_processor, samples, num_generations, 
                    do_sample=False):
     """One turn per sample from the global view alone, no crop (each image under the global budget, after its
     `global_size` when it has one): the evaluation baseline (greedy) and single-turn GRPO, the paper's baseline
-    (sampled at cfg.temperature, `num_generations` per sample)."""
+    (sampled at cfg.temperature, `num_generations` per sample); in chunks of `cfg.rollout_batch_size`."""
     trajs, _ = start_groups(samples, tokenizer, image_processor, num_generations, cfg, DIRECT_SYSTEM,
                             lambda s: DIRECT_PROMPT.format(question=s.question, choices=format_choices(s.options)))
-    outs, _ = generate_turn(model, tokenizer, prompt_batch(model, tokenizer, trajs), max_new_tokens,
-                            temperature=cfg.temperature, do_sample=do_sample)
-    for traj, (sampled, logprobs) in zip(trajs, outs):
-        append_sampled(traj, sampled, logprobs, tokenizer)
+    for part in chunks(model, trajs, cfg.rollout_batch_size):  # None: a stand-in (see `chunks`), discarded
+        outs = generate_turn(model, tokenizer, prompt_batch(model, tokenizer, part or trajs[:1]), max_new_tokens,
+                             temperature=cfg.temperature, do_sample=do_sample)[0]  # its cache freed here
+        for traj, (sampled, logprobs) in zip(part or [], outs):
+            append_sampled(traj, sampled, logprobs, tokenizer)
+    release_cache()
     return trajs
 
 

@@ -2,25 +2,29 @@
 
     torchrun --nproc_per_node 2 tests/fsdp_resume.py TINY_DIR BATCH.pt OUT_DIR
 
-Run A: update on the batch, save checkpoint-1, update again. Run B: load checkpoint-1, resume the optimizer,
-update again. Rank 0 prints the largest weight difference between A and B after the second update (0 expected).
+Run A: update on the batch, save checkpoint-1 (each rank writes its shards), update again. Run B: load checkpoint-1
+sharded, resume model and optimizer from the shards, update again. Rank 0 prints the largest weight difference
+between A and B after the second update (0 expected), and writes OUT_DIR/saved.pt: A's full weights and AdamW state
+at checkpoint-1, gathered by all-gather, for tests/test_sharded.py to compare with a 1-process resume.
 """
 
+import os
 import sys
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
 from checkpoint import checkpoint_dir, resume, save_checkpoint
 from grpo import grpo_update
-from model import full_state_dict, load_policy, shard_model
+from model import full_state_dict, load_policy
 from tests.fsdp_update import UPDATE, trajectories
 
 
 def policy(path, lr):
-    model, tokenizer, image_processor = load_policy(path, torch.device("cpu"), torch.float32)
-    model = shard_model(model, torch.float32)
+    shard = dist.is_initialized()  # tests/test_reliability.py resumes on one process too
+    model, tokenizer, image_processor = load_policy(path, torch.device("cpu"), torch.float32, shard=shard)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     return SimpleNamespace(model=model, tokenizer=tokenizer, image_processor=image_processor, optimizer=optimizer)
 
@@ -28,6 +32,12 @@ def policy(path, lr):
 def update(ctx, trajs, advantages):
     grpo_update(ctx.model, ctx.optimizer, trajs, advantages, ctx.tokenizer, SimpleNamespace(**UPDATE),
                 torch.device("cpu"), torch.float32)
+
+
+def full_training_state(ctx):
+    """(weights, AdamW state) as full tensors: on rank 0 under torchrun, the model's own on a single process."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return full_state_dict(ctx.model), get_optimizer_state_dict(ctx.model, ctx.optimizer, options=options)
 
 
 def main(tiny_dir, batch_file, out_dir):
@@ -41,6 +51,9 @@ def main(tiny_dir, batch_file, out_dir):
     a = policy(tiny_dir, 1e-3)
     update(a, trajs, adv)
     save_checkpoint(a, cfg, 1)
+    saved = full_training_state(a)
+    if rank == 0:  # now: AdamW's `step` in it is the live tensor, which the next update increments
+        torch.save(saved, os.path.join(out_dir, "saved.pt"))
     update(a, trajs, -adv)
     b = policy(checkpoint_dir(out_dir, 1), 1e-3)
     assert resume(b, checkpoint_dir(out_dir, 1)) == 1

@@ -1,8 +1,10 @@
 """eval.py: the protocol (shuffling, HR-Bench rotation averaging), every mode, both probes, pictures, and the same
-results from one process and from two under torchrun."""
+results from one process and from two under torchrun when the ranks have different numbers of questions."""
 
 import json
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,9 +15,9 @@ import rollout
 from config import parse_config
 from crop import crop_original, resize_for_model
 from data import Sample, synthetic_samples
-from eval import (Config, accuracy, by_first_crop, evaluate, first_crop_class, protocol_samples,
+from eval import (Config, accuracy, by_first_crop, evaluate, first_crop_class, protocol_samples, rank_share,
                   shuffle_options)
-from tests.test_fsdp import torchrun
+from tests.test_fsdp import ROOT
 
 FAST = ["--num_synthetic", "4", "--max_new_tokens", "8", "--max_new_tokens_turn1", "12", "--max_new_tokens_turn2",
         "8", "--max_new_tokens_per_turn", "8", "--max_response_tokens", "24"]
@@ -104,14 +106,46 @@ def test_bad_options_stop_with_their_name():
             evaluate(parse_config(Config, argv))
 
 
-def test_two_processes_give_the_same_answers_as_one(tmp_path):
-    common = ["eval.py", *FAST, "--num_synthetic", "6", "--batch_size", "1", "--mode", "tool"]
-    torchrun(*common, "--output_dir", str(tmp_path / "one"), nproc=1)
-    torchrun(*common, "--output_dir", str(tmp_path / "two"), nproc=2)
+def test_every_rank_answers_as_many_questions_and_each_is_recorded_once():
+    assert rank_share(9, 0, 2) == ([0, 2, 4, 6, 8], 5)  # the docstring's example
+    assert rank_share(9, 1, 2) == ([1, 3, 5, 7, 7], 4)
+    assert rank_share(2, 3, 4) == ([0], 0)  # fewer questions than ranks: a stand-in, nothing recorded
+    assert rank_share(0, 1, 2) == ([], 0)
+    for count in range(12):
+        for world_size in (1, 2, 3, 8):
+            shares = [rank_share(count, rank, world_size) for rank in range(world_size)]
+            assert len({len(share) for share, _ in shares}) == 1  # the same batches on every rank
+            assert sorted(i for share, recorded in shares for i in share[:recorded]) == list(range(count))
+
+
+def torchrun_or_stop(args, timeout):
+    """`torchrun --nproc_per_node 2 args` that fails the test when it has not finished after `timeout` seconds
+    (a hang would otherwise block the suite for distributed.COLLECTIVE_TIMEOUT). SIGTERM, not SIGKILL: torchrun
+    then ends its workers, which run in sessions of their own."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.terminate()
+            out, _ = p.communicate()
+            pytest.fail(f"torchrun {' '.join(args)}: no result after {timeout} s (a hang)\n{out[-3000:]}")
+    assert p.returncode == 0, out[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["direct", "mgpo", "tool"])
+def test_two_ranks_with_uneven_batches_finish_and_match_one_process(mode, tmp_path):
+    # 9 questions, 2 ranks, 4 per batch: rank 0 has 5 questions (2 batches), rank 1 has 4 (1 batch); each rank
+    # holds the whole model, so nothing but the final gather waits for the other rank
+    common = [*FAST, "--model", "tiny-base", "--num_synthetic", "9", "--batch_size", "4", "--mode", mode]
+    torchrun_or_stop(["eval.py", *common, "--output_dir", str(tmp_path / "two")], timeout=120)
+    evaluate(parse_config(Config, [*common, "--output_dir", str(tmp_path / "one")]))
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
-    assert one["runs"]["unprobed"]["accuracy"] == two["runs"]["unprobed"]["accuracy"]
-    strip = lambda rs: [(r["id"], r["text"], r["correct"]) for r in rs]
-    assert strip(one["records"]["unprobed"]) == strip(two["records"]["unprobed"])
+    drop_time = lambda d: {k: v for k, v in d.items() if k not in ("seconds", "seconds_per_question")}
+    assert [drop_time(r) for r in two["records"]["unprobed"]] == [drop_time(r) for r in one["records"]["unprobed"]]
+    assert drop_time(two["runs"]["unprobed"]) == drop_time(one["runs"]["unprobed"])
+    assert [r["index"] for r in two["records"]["unprobed"]] == list(range(9))
 
 
 def test_answers_are_split_by_their_first_crops_coverage():

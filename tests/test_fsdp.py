@@ -32,29 +32,41 @@ def make_batch(policy):
     """8 two-turn trajectories (2 prompts x 4) and fixed advantages, as plain tensors and lists for torch.save."""
     trajs = small_rollout(policy, seed=2, sample_seed=9)
     return {"input_ids": [t.input_ids for t in trajs], "loss_mask": [t.loss_mask for t in trajs],
-            "pixel_values": [t.pixel_values for t in trajs], "grids": [t.image_grid_thw for t in trajs],
+            "rollout_logprobs": [t.rollout_logprobs for t in trajs], "pixel_values": [t.pixel_values for t in trajs],
+            "grids": [t.image_grid_thw for t in trajs],
             "advantages": torch.tensor(ADVANTAGES)}
 
 
 def test_two_process_fsdp_update_equals_single_process(policy, tiny_path, tmp_path):
+    """Plain and activation-checkpointed (each layer's MLP runs twice) 2-rank updates equal the 1-process one, and
+    after micro-batch 1 of 2 each rank holds only its shard of the gradients (grpo.accumulate reduce-scatters
+    every micro-batch); FSDP2's no-sync accumulation would hold the whole model's, which the probe must see."""
     model, tokenizer, _ = policy
     batch = make_batch(policy)
     trajs, advantages = trajectories(batch), batch["advantages"]
     torch.save(batch, tmp_path / "batch.pt")
-    torchrun("tests/fsdp_update.py", tiny_path, str(tmp_path / "batch.pt"), str(tmp_path / "fsdp.safetensors"))
+    out = torchrun("tests/fsdp_update.py", tiny_path, str(tmp_path / "batch.pt"), str(tmp_path)).stdout
+    params = sum(p.numel() for p in model.parameters())
+    grads = re.findall(r"after micro-batch 1 of 2: sharded (\d+) of shard (\d+), unsharded (\d+)", out)
+    assert len(grads) == 2 and all(g == s and u == "0" for g, s, u in grads), out
+    assert sum(int(g) for g, _, _ in grads) == params  # the two halves, together the whole model once
+    no_sync = re.findall(r"without gradient sync: sharded (\d+), unsharded (\d+)", out)
+    assert [int(u) for _, u in no_sync] == [params, params], out
+    assert out.count("plain: decoder 1.0 vision 1.0") == 2 and out.count("checkpointed: decoder 2.0 vision 2.0") == 2
 
     single = copy.deepcopy(model)
     optimizer = make_optimizer(single.parameters())
     # the same global mini-batch: 2 ranks x 4 trajectories = 8, in micro-batches of 2
     grpo_update(single, optimizer, trajs, advantages, tokenizer, SimpleNamespace(**{**UPDATE, "mini_batch_size": 8}),
                 torch.device("cpu"), torch.float32)
-    sharded = load_file(str(tmp_path / "fsdp.safetensors"))
     expected = single.state_dict()
-    assert sharded.keys() <= expected.keys() and len(sharded) >= len(list(single.parameters()))
-    worst = max((sharded[k] - expected[k]).abs().max().item() for k in sharded)
-    assert worst < 1e-5, worst
-    moved = max((sharded[k] - model.state_dict()[k]).abs().max().item() for k in sharded)
-    assert moved > 1e-4
+    for name in ("plain", "checkpointed"):
+        sharded = load_file(str(tmp_path / f"{name}.safetensors"))
+        assert sharded.keys() <= expected.keys() and len(sharded) >= len(list(single.parameters()))
+        worst = max((sharded[k] - expected[k]).abs().max().item() for k in sharded)
+        assert worst < 1e-5, (name, worst)
+        moved = max((sharded[k] - model.state_dict()[k]).abs().max().item() for k in sharded)
+        assert moved > 1e-4
 
 
 def test_sharded_generate_when_ranks_stop_at_different_steps(tiny_path):
@@ -87,3 +99,22 @@ def test_torchrun_lfpc_stage1_then_stage2(tmp_path):
     Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "s2" / "checkpoint-2"))
     rows = [json.loads(line) for line in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and "grounding_r_geo" in rows[0]
+
+
+def test_torchrun_sharded_checkpoint_resumes_on_one_process(tmp_path):
+    """2 ranks (with a sharded KL reference) write checkpoint-2 as 2 shard files; a single process resumes from it
+    and trains step 3 (the metrics of steps 1-2 are kept)."""
+    import train_mgpo
+    from config import parse_config
+    out = tmp_path / "out"
+    args = [*TINY_MGPO, "--output_dir", str(out), "--kl_coef", "0.01", "--learning_rate", "1e-3",
+            "--max_new_tokens_turn1", "8", "--max_new_tokens_turn2", "4", "--num_synthetic", "16"]
+    torchrun("train_mgpo.py", *args, "--max_steps", "2")
+    assert sorted(os.listdir(out / "checkpoint-2" / "dcp")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    train_mgpo.train(parse_config(train_mgpo.Config, args + ["--max_steps", "3", "--resume", "true"]))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # the random tiny model earns no reward, so the policy stays at the reference: a KL of exactly 0 says that the
+    # sharded reference (2 ranks), the resumed policy and the reference (1 process) give the same log-probs
+    assert [r["kl"] for r in rows] == [0.0, 0.0, 0.0] and all(r["grad_norm"] == 0 for r in rows)
+    Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out / "checkpoint-3"))

@@ -1,19 +1,21 @@
 """GRPO pieces against hand-computed values, and the update's normalisation across micro-batches."""
 
 import copy
+import dataclasses
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from grpo import (accumulate, batch_logprobs, gather_logprobs, group_advantages, grpo_update, policy_loss,
+from grpo import (accumulate, batch_logprobs, gather_logprobs, group_advantages, grpo_update, k3, policy_loss,
                   sequence_logprobs, training_batch)
 from rollout import forbidden_token_ids
 from tests.helpers import ADVANTAGES, small_rollout
 
-UPDATE = dict(mini_batch_size=8, micro_batch_size=8, ppo_epochs=1, clip_eps_low=0.2, clip_eps_high=0.2, kl_coef=0.0,
-              loss_agg="token_mean", max_grad_norm=1.0, temperature=1.0)
+UPDATE = dict(mini_batch_size=8, micro_batch_size=8, ppo_epochs=1, clip_eps_low=0.2, clip_eps_high=0.2,
+              clip_ratio_c=0.0, kl_coef=0.0, kl_clamp=0.0, tis_cap=0.0, loss_agg="token_mean", max_grad_norm=1.0,
+              temperature=1.0, gradient_checkpointing=False)
 
 
 def test_group_advantages_by_hand():
@@ -40,6 +42,103 @@ def test_policy_loss_by_hand():
     _, _, kl = policy_loss(new, old, torch.tensor([1.0]), 0.2, 0.2, ref_logprobs=ref, kl_coef=0.1)
     x = torch.tensor([[1 / 1.5, 1 / 0.5, 1 / 1.1, 3 / 1.5]])  # p_ref / p
     assert torch.allclose(kl, x - torch.log(x) - 1)
+
+
+def test_dual_clip_bounds_the_loss_of_negative_advantages():
+    old = torch.zeros(1, 4)
+    new = torch.log(torch.tensor([[5.0, 2.0, 0.5, 5.0]]))
+    for c, expected in [(3.0, [3.0, 2.0, 0.8, 3.0]),   # A=-1: min(max(r, clip(r)), c): 5 -> 3, 2 -> 2, 0.5 -> 0.8
+                        (0.0, [5.0, 2.0, 0.8, 5.0])]:  # off: today's -min(-r, -clip(r))
+        loss, _, _ = policy_loss(new, old, torch.tensor([-1.0]), 0.2, 0.2, clip_ratio_c=c)
+        assert torch.allclose(loss, torch.tensor([expected]))
+    loss, _, _ = policy_loss(new, old, torch.tensor([2.0]), 0.2, 0.2, clip_ratio_c=3.0)
+    assert torch.allclose(loss, torch.tensor([[-2.4, -2.4, -1.0, -2.4]]))  # A > 0: untouched, -2 min(r, clip(r))
+    new.requires_grad_(True)
+    policy_loss(new, old, torch.tensor([-1.0]), 0.2, 0.2, clip_ratio_c=3.0)[0].sum().backward()
+    assert torch.allclose(new.grad, torch.tensor([[0.0, 2.0, 0.0, 0.0]]))  # d(r)/d(log r) = r where unclipped
+
+
+def test_log_ratio_is_clamped_before_exp():
+    old = torch.zeros(1, 3)
+    new = torch.tensor([[30.0, 100.0, -30.0]], requires_grad=True)
+    loss, _, _ = policy_loss(new, old, torch.tensor([-1.0]), 0.2, 0.2)
+    assert torch.allclose(loss, torch.tensor([[math.exp(20), math.exp(20), 0.8]]))  # e^30, e^100 -> e^20
+    loss, _, _ = policy_loss(new, old, torch.tensor([0.0]), 0.2, 0.2)
+    loss.sum().backward()
+    assert torch.equal(loss, torch.zeros(1, 3)) and torch.equal(new.grad, torch.zeros(1, 3))  # e^100 * 0 is NaN
+
+
+def test_k3_kl_is_clamped():
+    assert k3(torch.tensor(math.log(2))).item() == pytest.approx(2 - math.log(2) - 1)
+    assert k3(torch.tensor(25.0), clamp=10.0).item() == 10.0  # e^25 - 26 = 7.2e10 unclamped
+    assert k3(torch.tensor(25.0)).item() == pytest.approx(math.exp(20) - 21)  # only the log-ratio clamp
+    assert k3(torch.tensor(-25.0), clamp=10.0).item() == 10.0  # e^-25 + 24
+    policy = torch.tensor([[-25.0, math.log(0.5)]], requires_grad=True)
+    ref = torch.tensor([[0.0, 0.0]])
+    loss, _, kl = policy_loss(policy, policy.detach(), torch.tensor([0.0]), 0.2, 0.2, ref_logprobs=ref, kl_coef=0.5,
+                              kl_clamp=10.0)
+    assert torch.allclose(kl, torch.tensor([[10.0, 1 - math.log(2)]]))
+    loss.sum().backward()  # k3' = 0.5 (1 - p_ref / p) = 0.5 (1 - 2) on the second token, 0 past the clamp
+    assert torch.allclose(policy.grad, torch.tensor([[0.0, -0.5]]))
+
+
+def test_tis_weights_multiply_the_surrogate_not_the_kl():
+    logprobs = torch.log(torch.tensor([[0.5, 0.5]]))
+    ref = torch.log(torch.tensor([[1.0, 1.0]]))
+    w = torch.tensor([[1.5, 0.5]])
+    loss, _, kl = policy_loss(logprobs, logprobs, torch.tensor([1.0]), 0.2, 0.2, ref_logprobs=ref, kl_coef=0.1,
+                              tis_weights=w)
+    # ratio 1, A = 1: surrogate -1 per token, times w; k3 at p_ref / p = 2: 2 - log 2 - 1
+    assert torch.allclose(loss, -w + 0.1 * (1 - math.log(2)))
+
+
+def with_rollout_logprobs(trajs, logprobs):
+    """Copies of `trajs` whose sampler log-probs are `logprobs` [B, L] (on sampled tokens, 0 elsewhere)."""
+    return [dataclasses.replace(t, rollout_logprobs=[lp if m else 0.0 for lp, m in zip(row.tolist(), t.loss_mask)])
+            for t, row in zip(trajs, logprobs)]
+
+
+def test_fp32_rollout_and_training_logprobs_agree(policy, rollout_batch):
+    _, stats = updated(policy, *rollout_batch)
+    assert 0 <= stats["rollout_logprob_diff"] < 1e-5 and 0 <= stats["rollout_kl"] < 1e-9
+
+
+def test_truncated_importance_sampling_by_hand(policy, rollout_batch):
+    """Rollout log-probs = training log-probs - log 2 on even and + log 2 on odd token columns: the sampler's
+    probability is half (double) the trainer's, w = min(2, 1.5) = 1.5 (0.5). At ratio 1 the loss is
+    -sum_i A_i sum_t w_it / N; |difference| log 2 everywhere; k3 of log_r = +-log 2: 2 - log 2 - 1, 0.5 + log 2 - 1."""
+    trajs, adv = rollout_batch
+    model, tokenizer, _ = policy
+    [train] = batch_logprobs(model, trajs, tokenizer, SimpleNamespace(**UPDATE), torch.device("cpu"), torch.float32)
+    even = (torch.arange(train.shape[1]) % 2 == 0).expand_as(train)
+    perturbed = with_rollout_logprobs(trajs, torch.where(even, train - math.log(2), train + math.log(2)))
+    _, stats = updated(policy, perturbed, adv, tis_cap=1.5)
+    mask = torch.stack([torch.tensor(t.loss_mask + [0] * (train.shape[1] - len(t.loss_mask))) for t in trajs]) > 0
+    w = torch.where(even, 1.5, 0.5) * mask
+    n = mask.sum().item()
+    assert stats["loss"] == pytest.approx(-(adv[:, None] * w).sum().item() / n, abs=1e-5)
+    assert stats["rollout_logprob_diff"] == pytest.approx(math.log(2), abs=1e-5)
+    share = (even & mask).sum().item() / n
+    kl = share * (1 - math.log(2)) + (1 - share) * (math.log(2) - 0.5)
+    assert stats["rollout_kl"] == pytest.approx(kl, abs=1e-5)
+    _, off = updated(policy, perturbed, adv)  # tis_cap 0: no weights, the mismatch is still measured
+    assert off["loss"] == pytest.approx(-(adv * mask.sum(1)).sum().item() / n, abs=1e-6)
+    assert off["rollout_logprob_diff"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_truncated_importance_sampling_equals_scaled_advantages(policy, rollout_batch):
+    """A whole trajectory sampled with p_rollout = p_train / s has weight min(s, C) on every token: the update
+    equals the plain one with advantage A * min(s, C) (SGD: same gradient, same step)."""
+    trajs, adv = rollout_batch
+    model, tokenizer, _ = policy
+    [train] = batch_logprobs(model, trajs, tokenizer, SimpleNamespace(**UPDATE), torch.device("cpu"), torch.float32)
+    s = torch.tensor([2.0, 0.5, 4.0, 1.0, 1.5, 1 / 3, 3.0, 1.1])
+    perturbed = with_rollout_logprobs(trajs, train - torch.log(s)[:, None])
+    weighted, _ = updated(policy, perturbed, adv, torch.optim.SGD, tis_cap=2.5)
+    scaled, _ = updated(policy, trajs, adv * s.clamp(max=2.5), torch.optim.SGD)
+    assert max((a - b).abs().max().item() for a, b in zip(weighted.parameters(), scaled.parameters())) < 1e-6
+    plain, _ = updated(policy, trajs, adv, torch.optim.SGD)
+    assert max((a - b).abs().max().item() for a, b in zip(weighted.parameters(), plain.parameters())) > 1e-5
 
 
 def test_gather_logprobs_matches_a_masked_softmax():
@@ -150,3 +249,14 @@ def test_skipping_the_old_logprob_forward_changes_no_gradient(policy, rollout_ba
         model.zero_grad(set_to_none=True)
     assert max((a - b).abs().max().item() for a, b in zip(*grads)) < 1e-7
     assert max(g.abs().max().item() for g in grads[0]) > 1e-4
+
+
+def test_loss_options_are_checked_at_start_up():
+    from config import parse_config
+    from loop import check_config
+    from train_mgpo import Config
+    for argv, flag in [(["--clip_ratio_c", "0.5"], "--clip_ratio_c"), (["--tis_cap", "-1"], "--tis_cap"),
+                       (["--kl_clamp", "-2"], "--kl_clamp")]:
+        with pytest.raises(SystemExit, match=flag):
+            check_config(parse_config(Config, argv), 1)
+    check_config(parse_config(Config, ["--clip_ratio_c", "0", "--tis_cap", "2", "--kl_clamp", "0"]), 1)

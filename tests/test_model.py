@@ -1,6 +1,10 @@
+import importlib.util
+import json
 import os
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
 from model import check_checkpoint_dir, load_policy, save_policy
@@ -64,3 +68,34 @@ def test_bad_model_path_names_the_flag(tmp_path):
     (tmp_path / "empty" / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="safetensors"):
         check_checkpoint_dir(str(tmp_path / "empty"))
+
+
+def test_attn_implementation_reaches_the_model_and_bad_names_stop(tiny_path, monkeypatch):
+    model = load_policy(tiny_path, torch.device("cpu"), torch.float32, attn_implementation="eager")[0]
+    assert model.config._attn_implementation == "eager"
+    assert model.model.visual.config._attn_implementation == "eager"
+    with pytest.raises(ValueError, match="--attn_implementation 'flash'"):
+        load_policy(tiny_path, torch.device("cpu"), torch.float32, attn_implementation="flash")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # as on a machine without flash_attn
+    with pytest.raises(ValueError, match="flash_attention_2 needs the flash_attn package"):
+        load_policy(tiny_path, torch.device("cpu"), torch.float32, attn_implementation="flash_attention_2")
+
+
+def test_saved_in_the_checkpoints_own_dtype(tmp_path, tiny_path):
+    """A bf16 checkpoint trained in fp32 is written back in bf16 (config and weights), and loads back to the same
+    bf16 values; a frozen model (the KL reference) has no gradients."""
+    Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_path, dtype=torch.bfloat16).save_pretrained(
+        tmp_path / "bf16")
+    for file in Path(tiny_path).iterdir():  # tokenizer, chat template, image processor
+        if not (tmp_path / "bf16" / file.name).exists():
+            (tmp_path / "bf16" / file.name).write_bytes(file.read_bytes())
+    model, tokenizer, image_processor = load_policy(str(tmp_path / "bf16"), torch.device("cpu"), torch.float32)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    save_policy(model, tokenizer, image_processor, str(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    saved = load_file(str(tmp_path / "out" / "model.safetensors"))
+    original = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved)
+    assert {v.dtype for v in saved.values()} == {torch.bfloat16}
+    frozen = load_policy(tiny_path, torch.device("cpu"), torch.float32, frozen=True)[0]
+    assert not any(p.requires_grad for p in frozen.parameters())

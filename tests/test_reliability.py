@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import crop
 import rewards
 import train_mgpo
-from checkpoint import complete_checkpoints, latest_checkpoint
+from checkpoint import checkpoint_dir, complete_checkpoints, latest_checkpoint, resume
 from config import parse_config
 from data import DataError, read_jsonl
 from tests.helpers import TINY_MGPO
@@ -73,7 +73,8 @@ def test_checkpoint_write_killed_midway_leaves_the_previous_one(monkeypatch, tmp
     assert marker.exists(), "the checkpoint write never started"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert (out / ".tmp-checkpoint-2").is_dir()  # the write really was cut
+    assert (out / ".tmp-checkpoint-2" / "dcp" / ".metadata").exists()  # the write really was cut: shards written,
+    assert not (out / ".tmp-checkpoint-2" / "trainer_state.json").exists()  # the checkpoint not complete
     assert latest_checkpoint(str(out)) == str(out / "checkpoint-1")
     rows = run(monkeypatch, out, "--max_steps", "3", "--resume", "true", "--save_steps", "1")
     assert [r["step"] for r in rows] == [1, 2, 3]  # step 1 kept, 2 and 3 trained again
@@ -82,10 +83,23 @@ def test_checkpoint_write_killed_midway_leaves_the_previous_one(monkeypatch, tmp
 
 
 def test_fsdp_resume_restores_model_and_optimizer_exactly(policy, tiny_path, tmp_path):
+    """2 ranks save their shards and resume bit-exactly; one process resumes from the same shards to the same full
+    weights and AdamW state (gathered by the 2 ranks with all-gathers, a different path from dcp's reads)."""
+    from tests.fsdp_resume import full_training_state, policy as load
     from tests.test_fsdp import make_batch
     torch.save(make_batch(policy), tmp_path / "batch.pt")
     done = torchrun("tests/fsdp_resume.py", tiny_path, str(tmp_path / "batch.pt"), str(tmp_path / "out"))
     assert "max weight difference 0.0" in done.stdout, done.stdout
+    one = load(checkpoint_dir(str(tmp_path / "out"), 1), 1e-3)
+    assert resume(one, checkpoint_dir(str(tmp_path / "out"), 1)) == 1
+    weights, optimizer = full_training_state(one)
+    saved_weights, saved_optimizer = torch.load(tmp_path / "out" / "saved.pt", weights_only=True)
+    assert weights.keys() == saved_weights.keys() and all(torch.equal(weights[k], saved_weights[k]) for k in weights)
+    assert optimizer["state"].keys() == saved_optimizer["state"].keys() == dict(one.model.named_parameters()).keys()
+    for name, moments in saved_optimizer["state"].items():
+        assert moments.keys() == {"step", "exp_avg", "exp_avg_sq"}
+        assert all(torch.equal(optimizer["state"][name][k], v) for k, v in moments.items()), name
+    assert optimizer["state"][name]["exp_avg_sq"].abs().max() > 0  # the saved step really had gradients
 
 
 def test_nonfinite_updates_are_skipped_then_stop_the_run(monkeypatch, tmp_path):

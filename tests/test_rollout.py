@@ -1,18 +1,23 @@
 """The token-id discipline of the two-turn rollout, and the agreement of rollout and training log-probs."""
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
+from torch.overrides import TorchFunctionMode
+from transformers import GenerationConfig
 
 import rollout
 from data import Sample, synthetic_samples
 from grpo import batch_logprobs
-from rollout import JSON_BLOCK_END, StopAtPattern, close_assistant_turn, expand_image_pads, forbidden_token_ids, mgpo_rollout
+from rollout import (JSON_BLOCK_END, StopAtPattern, close_assistant_turn, end_of_turn_ids, expand_image_pads,
+                     forbidden_token_ids, mgpo_rollout)
 
 CFG = SimpleNamespace(global_max_pixels=224 * 224, crop_max_pixels=112 * 112, min_pixels=28 * 28,
-                      max_new_tokens_turn1=24, max_new_tokens_turn2=12, temperature=1.0, micro_batch_size=8)
+                      max_new_tokens_turn1=24, max_new_tokens_turn2=12, temperature=1.0, micro_batch_size=8,
+                      rollout_batch_size=0)
 # Turn-1 boxes in model-input pixels, handed out in order: crops of different shapes, and invalid ones
 # (None: no parsable box; [50, 50, 60, 60]: under 28 px) that bring the global view back.
 # The wide image's model input is 308x140, so [30, 40, 200, 220] is out of range there.
@@ -20,8 +25,7 @@ BOXES = [[10, 10, 100, 60], None, [0, 0, 224, 224], [50, 50, 60, 60],
          [30, 40, 200, 220], [5, 5, 40, 140], [100, 20, 300, 50], [0, 0, 30, 30]]
 
 
-@pytest.fixture(scope="module")
-def trajectories(policy):
+def two_image_rollout(policy, cfg, seed=0):
     """8 two-image conversations: 2 images of different sizes (so different global grids) x 4 generations."""
     model, tokenizer, image_processor = policy
     wide = Sample("wide", Image.new("RGB", (640, 300), (90, 120, 200)), "What colour?", ["red", "blue"], "B", None)
@@ -30,10 +34,29 @@ def trajectories(policy):
     original = rollout.parse_box
     rollout.parse_box = lambda text: next(boxes)
     try:
-        torch.manual_seed(0)
-        return mgpo_rollout(model, tokenizer, image_processor, samples, 4, CFG)
+        torch.manual_seed(seed)
+        return mgpo_rollout(model, tokenizer, image_processor, samples, 4, cfg)
     finally:
         rollout.parse_box = original
+
+
+@pytest.fixture(scope="module")
+def trajectories(policy):
+    return two_image_rollout(policy, CFG)
+
+
+def training_gap(policy, trajectories, cfg):
+    """The largest |rollout - training forward| log-prob over the sampled tokens of both turns."""
+    model, tokenizer, _ = policy
+    [logprobs] = batch_logprobs(model, trajectories, tokenizer, cfg, torch.device("cpu"), torch.float32)
+    worst = 0.0
+    for row, t in enumerate(trajectories):
+        mask = torch.tensor(t.loss_mask, dtype=torch.bool)
+        train = logprobs[row, :len(t.input_ids)][mask]
+        sampled = torch.tensor(t.rollout_logprobs)[mask]
+        assert torch.isfinite(sampled).all()
+        worst = max(worst, (train - sampled).abs().max().item())
+    return worst
 
 
 def test_batch_really_is_ragged(trajectories):
@@ -45,16 +68,55 @@ def test_batch_really_is_ragged(trajectories):
 def test_rollout_and_training_forward_logprobs_agree(policy, trajectories):
     """The training forward (right-padded, one batch, 3-D positions from mm_token_type_ids) scores the sampled
     tokens of both turns exactly as generate (left-padded, per turn, with a KV cache) sampled them."""
-    model, tokenizer, _ = policy
-    [logprobs] = batch_logprobs(model, trajectories, tokenizer, CFG, torch.device("cpu"), torch.float32)
-    worst = 0.0
-    for row, t in enumerate(trajectories):
-        mask = torch.tensor(t.loss_mask, dtype=torch.bool)
-        train = logprobs[row, :len(t.input_ids)][mask]
-        sampled = torch.tensor(t.rollout_logprobs)[mask]
-        assert torch.isfinite(sampled).all()
-        worst = max(worst, (train - sampled).abs().max().item())
+    worst = training_gap(policy, trajectories, CFG)
     assert worst < 1e-5, worst
+
+
+# Qwen2.5-VL-7B-Instruct's generation_config.json: two end ids, and sampling settings that generate would apply to
+# any setting we left None
+QWEN_SAMPLING = dict(do_sample=True, temperature=0.1, top_k=1, top_p=0.001, repetition_penalty=1.05)
+
+
+@pytest.fixture
+def qwen_generation_config(policy, monkeypatch):
+    model, tokenizer, _ = policy
+    im_end, endoftext = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    monkeypatch.setattr(model, "generation_config", GenerationConfig(
+        **QWEN_SAMPLING, bos_token_id=endoftext, pad_token_id=endoftext, eos_token_id=[im_end, endoftext]))
+    return im_end, endoftext
+
+
+def test_logprobs_at_temperature_0_7_are_the_training_forwards(policy, qwen_generation_config):
+    """Sampled at 0.7 under Qwen's own generation_config, both turns' log-probs are the training forward's at
+    0.7 (grpo.sequence_logprobs), and differ from the untempered ones."""
+    tempered = SimpleNamespace(**{**vars(CFG), "temperature": 0.7})
+    trajs = two_image_rollout(policy, tempered, seed=1)
+    worst = training_gap(policy, trajs, tempered)
+    assert worst < 1e-5, worst
+    assert training_gap(policy, trajs, CFG) > 1e-2
+
+
+def test_generate_samples_from_the_recorded_distribution(policy, qwen_generation_config, monkeypatch):
+    """The probability the sampler is handed for each token it draws is exp(recorded log-prob), at 0.7: none of
+    transformers' processors (nor Qwen's top_k 1 / top_p 0.001) reshapes the distribution after it is recorded."""
+    model, tokenizer, image_processor = policy
+    drawn, multinomial = [], torch.multinomial
+
+    def spy(probs, num_samples, **kwargs):
+        tokens = multinomial(probs, num_samples, **kwargs)
+        drawn.append(probs.gather(1, tokens).squeeze(1))
+        return tokens
+
+    monkeypatch.setattr(torch, "multinomial", spy)
+    first, _ = rollout.start_trajectory(synthetic_samples(1, seed=3)[0], tokenizer, image_processor, "system",
+                                        "question", 112 * 112, 784)
+    torch.manual_seed(0)
+    outs, _ = rollout.generate_turn(model, tokenizer, rollout.prompt_batch(model, tokenizer, [first] * 4), 10,
+                                    temperature=0.7)
+    drawn = torch.stack(drawn, 1)
+    for row, (ids, logprobs) in enumerate(outs):
+        torch.testing.assert_close(drawn[row, :len(ids)], torch.tensor(logprobs).exp(), rtol=1e-5, atol=1e-7)
+    assert drawn.min() < 0.5  # a spread distribution, not top-k 1's certainty
 
 
 def test_without_mm_token_type_ids_positions_are_wrong(policy, trajectories):
@@ -180,6 +242,78 @@ def test_close_assistant_turn(policy):
     eos = tokenizer.eos_token_id
     assert tokenizer.decode(close_assistant_turn(tokenizer, [5, eos])) == "\n"
     assert tokenizer.decode(close_assistant_turn(tokenizer, [5, 6])) == "<|im_end|>\n"
+    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")  # sampled and kept; the template closes with im_end
+    assert tokenizer.decode(close_assistant_turn(tokenizer, [5, endoftext])) == "<|im_end|>\n"
+
+
+def test_a_turn_ends_at_any_end_id_of_the_checkpoint(policy, qwen_generation_config, monkeypatch):
+    """With Qwen's two end ids, a greedy turn whose second token is <|endoftext|> ends there (generate stops, the
+    cut keeps it); with only <|im_end|> the same turn runs on to the length limit."""
+    model, tokenizer, image_processor = policy
+    im_end, endoftext = qwen_generation_config
+    assert end_of_turn_ids(model, tokenizer) == sorted([im_end, endoftext])
+    forwards = []
+
+    def endoftext_second(module, args, logits):  # on the lm_head: <|endoftext|> wins the 2nd decoding step only
+        forwards.append(1)
+        if len(forwards) == 2:
+            logits[..., endoftext] += 1e4
+        return logits
+
+    first, _ = rollout.start_trajectory(synthetic_samples(1, seed=3)[0], tokenizer, image_processor, "system",
+                                        "question", 112 * 112, 784)
+    batch = rollout.prompt_batch(model, tokenizer, [first] * 2)
+    hook = model.lm_head.register_forward_hook(endoftext_second)
+    try:
+        outs, turn = rollout.generate_turn(model, tokenizer, batch, 8, do_sample=False)
+        assert [len(ids) for ids, _ in outs] == [2, 2] and all(ids[1] == endoftext for ids, _ in outs)
+        assert turn.sequences.shape[1] == batch["input_ids"].shape[1] + 2  # generate itself stopped
+        forwards.clear()
+        model.generation_config.eos_token_id = im_end
+        assert end_of_turn_ids(model, tokenizer) == [im_end]
+        outs, _ = rollout.generate_turn(model, tokenizer, batch, 8, do_sample=False)
+        assert [len(ids) for ids, _ in outs] == [8, 8] and all(ids[1] == endoftext for ids, _ in outs)
+    finally:
+        hook.remove()
+
+
+def test_turn_2_passes_its_cache_under_the_current_name(policy):
+    """generate's `past_key_values` is deprecated (FutureWarning, removed in transformers 6): turn 2 on turn 1's
+    cache must not use it."""
+    model, tokenizer, image_processor = policy
+    wide = Sample("wide", Image.new("RGB", (640, 300), (90, 120, 200)), "What colour?", ["red", "blue"], "B", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        trajs, turn1 = rollout.mgpo_grounding_turn(model, tokenizer, image_processor, [wide], 2, CFG)
+        outs, _ = rollout.generate_for(model, tokenizer, trajs, 4, CFG, after=turn1)
+    assert len(outs) == 2
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the tensor operations that bring values to the host (each a device sync on a GPU)."""
+    READS = {"tolist", "item", "cpu", "numpy", "__int__", "__float__", "__bool__", "__index__", "__array__"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_stop_check_reads_the_newest_tokens_in_one_transfer(policy):
+    """One host read per decoding step for a batch of 5 rows, not one per row; the rows still stop on their own."""
+    _, tokenizer, _ = policy
+    ids = tokenizer('x ```json\n[1]\n``` y', add_special_tokens=False)["input_ids"]
+    rows = torch.tensor([[7] * 3 + ids] + [[7] * 3 + [ids[0]] * len(ids)] * 4)  # row 0 closes a json block
+    stop = StopAtPattern(tokenizer, 3, JSON_BLOCK_END)
+    for width in range(4, rows.shape[1] + 1):
+        with HostReads() as reads:
+            done = stop(rows[:, :width], None)
+        assert reads.count == 1
+    assert done.tolist() == [True, False, False, False, False]
+    assert tokenizer.decode(ids[:stop.stop_at[0]]).endswith("```")
 
 
 def test_images_are_encoded_at_the_size_we_resized_them_to(policy):
