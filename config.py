@@ -47,15 +47,20 @@ def read_recipe(path, cls):
     return recipe
 
 
-def parse_config(cls, argv=None, description=None):
+def parse_config(cls, argv=None, description=None, default_recipe=None):
     """An instance of dataclass `cls`: its defaults, then the `--config` recipe file's values, then the command
-    line's flags. Unknown or malformed flags stop with argparse's message naming the flag."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default="")
-    known, _ = pre.parse_known_args(argv)
+    line's flags. Unknown or malformed flags stop with argparse's message naming the flag.
+
+    `default_recipe(args)`: the recipe to use when no --config is given (e.g. the papers' settings for the
+    checkpoint's size), or ''. It sees the options parsed without a recipe."""
     parser = HfArgumentParser(cls, description=description, formatter_class=HelpFormatter, allow_abbrev=False)
-    parser.add_argument("--config", default="", help="a recipe file (YAML or JSON) of option: value; flags override it")
-    if known.config:
-        parser.set_defaults(**read_recipe(known.config, cls))
-    args = vars(parser.parse_args(argv))
-    return cls(**{f.name: args[f.name] for f in dataclasses.fields(cls)})
+    parser.add_argument("--config", default="", help="a recipe file (YAML or JSON) of option: value; flags override "
+                                                     "it. Without it a real checkpoint gets recipes/ for its size")
+    args = parser.parse_args(argv)
+    recipe = args.config or (default_recipe(args) if default_recipe else "")
+    if recipe:
+        if not args.config:
+            print(f"no --config: using {recipe}, the recipe for this checkpoint's size (flags override it)")
+        parser.set_defaults(**read_recipe(recipe, cls))
+        args = parser.parse_args(argv)
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})

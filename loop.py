@@ -26,7 +26,7 @@ from config import opt
 from data import batches, load_samples, shard
 from distributed import all_reduce_sum, setup_distributed
 from grpo import group_advantages, grpo_update
-from memory import startup_summary
+from memory import CONFIGS, load_model_config, startup_summary
 from model import default_device, gathered, load_policy
 from report import held_out, load_before, write_report
 from tiny import resolve_model_path
@@ -74,6 +74,9 @@ class TrainConfig:
     eval_pictures: int = opt(4, "trajectory pictures of the first N held-out questions, before and after")
 
 
+RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
+
+
 def check_config(cfg, world_size, extra=()):
     """Stop at start-up, naming the flag, when a value cannot work. `extra`: the recipe's own (ok, message)."""
     per_rank_trajs = cfg.batch_size // max(world_size, 1) * cfg.num_generations
@@ -108,6 +111,25 @@ def check_config(cfg, world_size, extra=()):
     for ok, message in checks:
         if not ok:
             raise SystemExit(f"error: {message}")
+
+
+def recipe_for(name, model):
+    """recipes/<name>_qwen2_5_vl_<size>.yaml when `model` is a local checkpoint of the shape of
+    configs/qwen2_5_vl_<size>.json (so that a plain `--model <7B dir>` runs at the papers' settings); '' for
+    anything else (the tiny demo models). E.g. recipe_for("mgpo", "/ckpt/Qwen2.5-VL-7B-Instruct") ->
+    "recipes/mgpo_qwen2_5_vl_7b.yaml". A known size without a recipe for `name` stops, naming what to pass."""
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        return ""
+    text = load_model_config(model).text_config
+    for file in sorted(os.listdir(CONFIGS)):
+        known = load_model_config(os.path.join(CONFIGS, file)).text_config
+        if (known.hidden_size, known.num_hidden_layers) == (text.hidden_size, text.num_hidden_layers):
+            recipe = os.path.join(RECIPES, f"{name}_{file.removesuffix('.json')}.yaml")
+            if not os.path.isfile(recipe):
+                raise SystemExit(f"error: --model {model!r} has the shape of {file}, and {recipe} does not exist: "
+                                 f"pass --config (a recipe file) with the run's settings")
+            return recipe
+    return ""
 
 
 def seed_everything(seed):

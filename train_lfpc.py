@@ -21,7 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from config import opt, parse_config
 from crop import box_area_ratio, coverage, iou
-from loop import TrainConfig, load_training_samples, setup, train_loop
+from loop import TrainConfig, load_training_samples, recipe_for, setup, train_loop
 from resolution import UNCHANGED, apply_resolutions, format_report, level_report, select_resolutions
 from rewards import (COVERAGE_THRESHOLD, extract_choice, lfpc_format_reward, normalize_answer, score_crops,
                      stage1_reward, tool_accuracy_reward, tool_bonus, unboxed)
@@ -156,4 +156,5 @@ def train(cfg):
 
 if __name__ == "__main__":
     hf_logging.disable_progress_bar()  # one bar per training step is enough
-    train(parse_config(Config, description=__doc__))
+    train(parse_config(Config, description=__doc__,
+                       default_recipe=lambda args: recipe_for(f"lfpc_stage{args.stage}", args.model)))

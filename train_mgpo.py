@@ -12,7 +12,7 @@ from transformers.utils import logging as hf_logging
 
 from config import opt, parse_config
 from crop import box_area_ratio, coverage, iou
-from loop import TrainConfig, load_training_samples, setup, train_loop
+from loop import TrainConfig, load_training_samples, recipe_for, setup, train_loop
 from rewards import accuracy_reward, mgpo_format_ok
 from rollout import direct_rollout, mgpo_rollout
 from tiny import COMMITTED
@@ -84,4 +84,4 @@ def train(cfg):
 
 if __name__ == "__main__":
     hf_logging.disable_progress_bar()  # one bar per training step is enough
-    train(parse_config(Config, description=__doc__))
+    train(parse_config(Config, description=__doc__, default_recipe=lambda args: recipe_for("mgpo", args.model)))

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 
@@ -9,6 +10,7 @@ import eval as eval_script
 import train_lfpc
 import train_mgpo
 from config import parse_config
+from loop import check_config, recipe_for
 
 
 @pytest.mark.parametrize("cls", [train_mgpo.Config, train_lfpc.Config, eval_script.Config])
@@ -45,3 +47,26 @@ def test_a_bad_recipe_stops_naming_the_file(tmp_path, text, message):
     assert str(path) in str(exit_info.value)
     with pytest.raises(SystemExit, match="no such file"):
         parse_config(train_mgpo.Config, ["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_a_real_checkpoint_without_config_gets_the_recipe_of_its_size(tmp_path, capsys):
+    """The plain `torchrun ... train_mgpo.py --model <7B dir> --data train.jsonl` runs at the papers' settings."""
+    checkpoint = tmp_path / "Qwen2.5-VL-7B-Instruct"
+    checkpoint.mkdir()
+    shutil.copy("configs/qwen2_5_vl_7b.json", checkpoint / "config.json")
+
+    def parse(cls, name, argv):
+        return parse_config(cls, argv, default_recipe=lambda args: recipe_for(name(args), args.model))
+
+    mgpo = parse(train_mgpo.Config, lambda a: "mgpo", ["--model", str(checkpoint), "--data", "train.jsonl"])
+    assert "recipes/mgpo_qwen2_5_vl_7b.yaml" in capsys.readouterr().out
+    assert (mgpo.batch_size, mgpo.learning_rate, mgpo.global_max_pixels, mgpo.eval_samples) == (512, 1e-6, 1003520, 0)
+    check_config(mgpo, 8)  # the demo's micro-batch of 16 and held-out report no longer stop it
+    stage2 = parse(train_lfpc.Config, lambda a: f"lfpc_stage{a.stage}", ["--model", str(checkpoint), "--stage", "2",
+                                                                          "--learning_rate", "1e-7"])
+    assert (stage2.batch_size, stage2.num_generations, stage2.learning_rate) == (256, 16, 1e-7)  # the flag wins
+    demo = parse(train_mgpo.Config, lambda a: "mgpo", [])  # tiny-base: the demo's own defaults
+    assert (demo.batch_size, demo.learning_rate) == (8, 1e-4)
+    shutil.copy("configs/qwen2_5_vl_32b.json", checkpoint / "config.json")  # no MGPO recipe for 32B
+    with pytest.raises(SystemExit, match="qwen2_5_vl_32b.json.*pass --config"):
+        parse(train_mgpo.Config, lambda a: "mgpo", ["--model", str(checkpoint)])
