@@ -11,8 +11,8 @@ what RL will explore from: a base whose greedy answer never crops the target may
 
 The protocol, printed with every result:
 - options are shuffled per question with a fixed seed (`--no_shuffle` reproduces unshuffled reports); HR-Bench is
-  not shuffled: its rows already hold the option rotations of each question (`cycle_category`), and its accuracy
-  is the mean over those rotations;
+  not shuffled: its rows hold each question once per option rotation (`cycle_category` is the rotation), and its
+  accuracy is the mean over rotations of each rotation's accuracy;
 - the global view is resized under `--global_max_pixels` and every crop, cut from the original, under
   `--crop_max_pixels` (the LFPC paper's 1,024 vs 16,384 visual-token comparison is one flag);
 - a crop is scored against its best-matching ground-truth box (V* has one box per target, not nested boxes);
