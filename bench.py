@@ -84,7 +84,7 @@ def rollout_cfg(cfg, global_tokens):
     pixels = global_tokens * 28 * 28
     return SimpleNamespace(global_max_pixels=pixels, crop_max_pixels=pixels, min_pixels=28 * 28,
                            max_new_tokens_turn1=cfg.max_new_tokens_turn1, max_new_tokens_turn2=cfg.max_new_tokens_turn2,
-                           temperature=1.0, rollout_batch_size=0,
+                           temperature=1.0, rollout_batch_size=0, min_box_side=28,
                            micro_batch_size=min(4, cfg.prompts * cfg.num_generations),
                            mini_batch_size=cfg.prompts * cfg.num_generations,
                            ppo_epochs=1, clip_eps_low=0.2, clip_eps_high=0.2, clip_ratio_c=3.0, kl_coef=0.0,

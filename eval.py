@@ -65,6 +65,7 @@ class Config:
     rollout_batch_size: int = opt(0, "at most N trajectories per generate call (chunks of a batch); 0: all")
     global_max_pixels: int = opt(0, "0: the checkpoint's image processor's max_pixels")
     crop_max_pixels: int = opt(0, "0: same as the global view's")
+    min_box_side: int = opt(28, "a box is valid when both sides are over this many model-input pixels (MGPO: 28)")
     max_new_tokens: int = opt(64, "direct mode")
     max_new_tokens_turn1: int = opt(64, "mgpo mode")
     max_new_tokens_turn2: int = opt(64, "mgpo mode: the answer turn")

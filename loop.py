@@ -50,6 +50,7 @@ class TrainConfig:
     mini_batch_size: int = opt(0, "trajectories per optimizer step per rank; 0: the whole rollout batch")
     micro_batch_size: int = opt(4, "trajectories per forward/backward per rank")
     ppo_epochs: int = opt(1, "passes over each rollout batch")
+    min_box_side: int = opt(28, "a box is valid when both sides are over this many model-input pixels (MGPO: 28)")
     rollout_batch_size: int = opt(0, "at most N trajectories per generate call on each rank; 0: all in one call")
     gradient_checkpointing: bool = opt(False, "recompute decoder layers and vision blocks in backward (saves memory)")
     freeze_vision_tower: bool = opt(False, "train the language model only (verl's name)")

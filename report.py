@@ -33,6 +33,7 @@ def held_out_questions(cfg):
 def eval_options(cfg, mode):
     """eval.py's options for this run's decoding budgets: greedy, no probe."""
     return SimpleNamespace(mode=mode, batch_size=cfg.eval_batch_size, rollout_batch_size=cfg.rollout_batch_size,
+                           min_box_side=cfg.min_box_side,
                            save_vis=cfg.eval_pictures, probe="none",
                            temperature=1.0, do_sample=False, min_pixels=cfg.min_pixels,
                            global_max_pixels=cfg.global_max_pixels, crop_max_pixels=cfg.crop_max_pixels,

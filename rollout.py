@@ -478,7 +478,7 @@ def apply_turn1_box(traj, original, tokenizer, image_processor, prompts, cfg):
     invalid, as MGPO does), and append the turn-2 user message."""
     box = parse_box(traj.texts[-1])
     traj.box_input = box
-    traj.box_valid = box is not None and is_valid_box(box, traj.input_size)
+    traj.box_valid = box is not None and is_valid_box(box, traj.input_size, cfg.min_box_side)
     if traj.box_valid:
         intro, image = prompts.crop_intro, cut_crop(traj, original, box, cfg)
         traj.box_original = traj.crop_boxes[-1]
@@ -556,7 +556,7 @@ def tool_step(traj, original, tokenizer, image_processor, cfg, prompts):
         return False
     traj.tool_calls += 1
     box, error = call
-    if error is None and not is_valid_box(box, traj.input_size):
+    if error is None and not is_valid_box(box, traj.input_size, cfg.min_box_side):
         error = f"bbox_2d {box} is outside the {traj.input_size[0]}x{traj.input_size[1]} image or under 28 pixels"
     if error:
         append_user_turn(traj, tokenizer, image_processor, [prompts.error.format(error=error)])

@@ -33,6 +33,8 @@ class Config(TrainConfig):
     eval_samples: int = opt(64, "held-out questions answered before and after training; 0: none")
     max_new_tokens_turn1: int = opt(64, "the box turn (the tiny base writes 40-58 tokens)")
     max_new_tokens_turn2: int = opt(16, "the answer turn")
+    min_box_side: int = opt(27, "the demo's: its 224-px global views show the red frame 24-28 px wide, so the base's "
+                                "tight boxes are 28 px (>= 28, as before); real runs use MGPO's > 28 (recipes)")
     single_turn: bool = opt(False, "the GRPO baseline: answer from the global view, no box and no crop")
 
 

@@ -27,6 +27,7 @@ def held_out_config(image_processor, output_dir):
     (tiny-base) writes a tool call of 55 tokens for question 0 and of 56 for the others, so at 56 tokens per episode
     only question 0 (rank 0) goes on to a second round: the ranks run different numbers of rounds."""
     return SimpleNamespace(eval_data="", eval_samples=9, eval_batch_size=4, rollout_batch_size=0, eval_pictures=0,
+                           min_box_side=28,
                            output_dir=output_dir, min_pixels=image_processor.size["shortest_edge"],
                            global_max_pixels=image_processor.size["longest_edge"],
                            crop_max_pixels=image_processor.size["longest_edge"], max_new_tokens_turn1=12,

@@ -18,6 +18,7 @@ def small_rollout(policy, seed, sample_seed):
     """8 two-turn MGPO trajectories (2 synthetic prompts x 4) at small pixel budgets, sampled with `seed`."""
     model, tokenizer, image_processor = policy
     cfg = SimpleNamespace(global_max_pixels=112 * 112, crop_max_pixels=56 * 56, min_pixels=784,
-                          max_new_tokens_turn1=16, max_new_tokens_turn2=8, temperature=1.0, rollout_batch_size=0)
+                          max_new_tokens_turn1=16, max_new_tokens_turn2=8, temperature=1.0, rollout_batch_size=0,
+                          min_box_side=28)
     torch.manual_seed(seed)
     return mgpo_rollout(model, tokenizer, image_processor, synthetic_samples(2, seed=sample_seed), 4, cfg)

@@ -226,7 +226,7 @@ def test_tool_system_prompt_is_qwen25_tools_block(base):
 
 MGPO_CFG = SimpleNamespace(global_max_pixels=224 * 224, crop_max_pixels=224 * 224, min_pixels=28 * 28,
                            max_new_tokens_turn1=64, max_new_tokens_turn2=16, temperature=1.0,
-                           rollout_batch_size=0)
+                           rollout_batch_size=0, min_box_side=28)
 
 
 def scripted_mgpo(policy, turn1, turn2, seed):
@@ -272,7 +272,7 @@ def test_sampled_mgpo_conversations_are_the_official_rendering(base):
 
 TOOL_CFG = SimpleNamespace(global_max_pixels=224 * 224, crop_max_pixels=224 * 224, min_pixels=28 * 28, max_turns=3,
                            max_response_tokens=256, max_new_tokens_per_turn=96, temperature=1.0,
-                           rollout_batch_size=0)
+                           rollout_batch_size=0, min_box_side=28)
 
 
 def tool_messages(traj, user_turns):

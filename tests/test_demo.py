@@ -37,6 +37,7 @@ def test_demo_pipeline_reports_before_and_after(tmp_path):
 
     # eval.py on the committed base, same questions in the same order, greedy: the same answers and boxes
     runs = evaluate(parse_config(EvalConfig, TURNS + ["--model", "tiny-base", "--num_synthetic", "4", "--no_shuffle",
-                                                      "--batch_size", "4", "--output_dir", str(tmp_path / "eval")]))
+                                                      "--batch_size", "4", "--min_box_side", "27",
+                                                      "--output_dir", str(tmp_path / "eval")]))
     for key in ("accuracy", "crop_iou", "crop_coverage", "crop_area_ratio", "valid_box_ratio"):
         assert runs["unprobed"][key] == before[key], key

@@ -194,7 +194,8 @@ def test_a_few_sft_steps_save_a_checkpoint_whose_boxes_parse(tmp_path):
     # sampling from an almost untrained base: force the prefix of the format and let it write the numbers
     run = SimpleNamespace(global_max_pixels=TINY_MAX_PIXELS, crop_max_pixels=TINY_MAX_PIXELS,
                           min_pixels=TINY_MIN_PIXELS, max_new_tokens_turn1=48, max_new_tokens_turn2=4,
-                          temperature=1.0, do_sample=True, rollout_batch_size=0)
+                          temperature=1.0, do_sample=True, rollout_batch_size=0,
+                          min_box_side=28)
     from data import synthetic_samples
     torch.manual_seed(0)
     trajs = mgpo_rollout(model, tok, processor, synthetic_samples(2, seed=3), 2, run)

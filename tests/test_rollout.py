@@ -17,7 +17,7 @@ from rollout import (JSON_BLOCK_END, StopAtPattern, close_assistant_turn, end_of
 
 CFG = SimpleNamespace(global_max_pixels=224 * 224, crop_max_pixels=112 * 112, min_pixels=28 * 28,
                       max_new_tokens_turn1=24, max_new_tokens_turn2=12, temperature=1.0, micro_batch_size=8,
-                      rollout_batch_size=0)
+                      rollout_batch_size=0, min_box_side=28)
 # Turn-1 boxes in model-input pixels, handed out in order: crops of different shapes, and invalid ones
 # (None: no parsable box; [50, 50, 60, 60]: under 28 px) that bring the global view back.
 # The wide image's model input is 308x140, so [30, 40, 200, 220] is out of range there.
@@ -210,6 +210,16 @@ def test_invalid_box_returns_the_global_view(trajectories):
             assert t.box_original is not None and t.images[1] is not t.images[0]
         else:
             assert t.images[1] is t.images[0] and torch.equal(t.pixel_values[1], t.pixel_values[0])
+
+
+def test_min_box_side_decides_which_boxes_are_cropped(policy, trajectories):
+    """[100, 20, 300, 50] (200 x 30 on the 308 x 140 view) and [0, 0, 30, 30] (the 7th and 8th boxes) have a 30-px
+    side: valid over 28 (MGPO), invalid over 30; [10, 10, 100, 60] (90 x 50) is valid under both, [50, 50, 60, 60]
+    (10 px) under neither."""
+    strict = two_image_rollout(policy, SimpleNamespace(**{**vars(CFG), "min_box_side": 30}))
+    assert [t.box_valid for t in trajectories] == [True, False, True, False, False, True, True, True]
+    assert [t.box_valid for t in strict] == [True, False, True, False, False, True, False, False]
+    assert strict[7].images[1] is strict[7].images[0]  # the global view again
 
 
 def _runs(mask):

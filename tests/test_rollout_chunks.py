@@ -16,7 +16,7 @@ from rollout import chunks, mgpo_rollout, tool_rollout
 from tests.test_fsdp import torchrun
 
 GREEDY = dict(global_max_pixels=224 * 224, crop_max_pixels=112 * 112, min_pixels=28 * 28, temperature=1.0,
-              do_sample=False)
+              do_sample=False, min_box_side=28)
 MGPO = SimpleNamespace(**GREEDY, max_new_tokens_turn1=16, max_new_tokens_turn2=8)
 TOOL = SimpleNamespace(**GREEDY, max_turns=5, max_response_tokens=100, max_new_tokens_per_turn=6)
 # turn-1 boxes of the 6 MGPO trajectories, in order: crops of different shapes and invalid ones (global view again)
