@@ -48,6 +48,9 @@ TINY_VOCAB = 1024
 TINY_MIN_PIXELS, TINY_MAX_PIXELS = 28 * 28, 224 * 224
 TINY_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "tiny-base")
 TINY_TOOL_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "tiny-tool-base")
+# The demo's 224-px global views show the red frame 24-28 px wide, and the committed bases box it tightly at 28 px:
+# the demo scripts accept sides over 27 (MGPO's rule, > 28, would make the base's tight boxes invalid).
+DEMO_MIN_BOX_SIDE = 27
 COMMITTED = {"tiny-base": (TINY_BASE, "make_base.py"), "tiny-tool-base": (TINY_TOOL_BASE, "make_tool_base.py")}
 
 

@@ -26,6 +26,7 @@ from resolution import UNCHANGED, apply_resolutions, format_report, level_report
 from rewards import (COVERAGE_THRESHOLD, extract_choice, lfpc_format_reward, normalize_answer, score_crops,
                      stage1_reward, tool_accuracy_reward, tool_bonus, unboxed)
 from rollout import direct_answers, tool_rollout, visual_tokens
+from tiny import DEMO_MIN_BOX_SIDE
 
 STAGE_LEARNING_RATES = {1: 1e-6, 2: 5e-7}  # the paper's Table 12
 
@@ -35,8 +36,7 @@ class Config(TrainConfig):
     stage: int = opt(1, "1: information-gap training; 2: adds the grounding reward")
     output_dir: str = opt("out/lfpc", "where checkpoints, metrics.jsonl and reports go")
     learning_rate: float = opt(0.0, "0: the stage's rate from the paper, 1e-6 (stage 1) or 5e-7 (stage 2)")
-    min_box_side: int = opt(27, "the demo's: its 224-px global views show the red frame 24-28 px wide, so the base's "
-                                "tight boxes are 28 px (>= 28, as before); real runs use MGPO's > 28 (recipes)")
+    min_box_side: int = opt(DEMO_MIN_BOX_SIDE, "the demo's (tiny.py says why); real runs use MGPO's 28 (recipes)")
     max_turns: int = opt(5, "tool calls executed per episode; the model then gets one more turn")
     max_response_tokens: int = opt(2048, "sampled tokens per episode, all turns together")
     max_new_tokens_per_turn: int = opt(96, "per assistant turn; small for the CPU demo, raise for real models")

@@ -15,7 +15,7 @@ from crop import box_area_ratio, coverage, iou
 from loop import TrainConfig, load_training_samples, recipe_for, setup, train_loop
 from rewards import accuracy_reward, mgpo_format_ok
 from rollout import direct_rollout, mgpo_rollout
-from tiny import COMMITTED
+from tiny import COMMITTED, DEMO_MIN_BOX_SIDE
 
 
 @dataclass
@@ -33,8 +33,7 @@ class Config(TrainConfig):
     eval_samples: int = opt(64, "held-out questions answered before and after training; 0: none")
     max_new_tokens_turn1: int = opt(64, "the box turn (the tiny base writes 40-58 tokens)")
     max_new_tokens_turn2: int = opt(16, "the answer turn")
-    min_box_side: int = opt(27, "the demo's: its 224-px global views show the red frame 24-28 px wide, so the base's "
-                                "tight boxes are 28 px (>= 28, as before); real runs use MGPO's > 28 (recipes)")
+    min_box_side: int = opt(DEMO_MIN_BOX_SIDE, "the demo's (tiny.py says why); real runs use MGPO's 28 (recipes)")
     single_turn: bool = opt(False, "the GRPO baseline: answer from the global view, no box and no crop")
 
 
