@@ -276,6 +276,22 @@ def coverage(pred, target):
     return intersection_area(pred, target) / target_area if target_area > 0 else 0.0
 
 
+def box_metrics(box, gt_boxes, size):
+    """(iou, coverage, area ratio) of a predicted box in original pixels: IoU and coverage against the
+    best-matching ground-truth box, the one of highest IoU (the first on a tie), and the box's share of an image of
+    size (W, H). The best match because a sample may hold several boxes (V*: one per target; LFPC stage II: nested
+    ones, smallest first) and a crop aims at one of them: scoring against boxes[0] would count a crop of the second
+    target as a miss. Both numbers come from the same box, so coverage is not taken from a different one. Without
+    ground-truth boxes: (None, None, area ratio).
+    Example: [0, 0, 500, 250] in 1000 x 500, boxes [[100, 100, 200, 200], [50, 50, 300, 300]]: IoUs
+    10000 / 125000 = 0.08 and 50000 / 137500 = 0.364 -> the second: (0.364, 50000 / 62500 = 0.8, 0.25)."""
+    area = box_area_ratio(box, size)
+    if not gt_boxes:
+        return None, None, area
+    best = max(gt_boxes, key=lambda gt: iou(box, gt))  # max keeps the first of equal IoUs
+    return iou(box, best), coverage(box, best), area
+
+
 def l1_distance(a, b, size):
     """
     Mean absolute difference of the four corners, x normalised by the width and y by the height of size=(W, H).

@@ -26,12 +26,15 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import memory
+from config import rollout_config
 from data import Sample
-from loop import fill_budgets, train_step
+from grpo import group_advantages, grpo_update
 from model import gathered, shard_model
-from rollout import MGPO_PROMPTS, generate_for, start_groups
+from prompts import MGPO_PROMPTS
+from rewards import mgpo_reward
+from rollout import generate_for, mgpo_rollout, start_groups
 from tiny import build_tiny_tokenizer
-from train_mgpo import Config, mgpo_step
+from train_mgpo import Config
 
 # (text widths, vision widths, run shape) of the two modes; the image side fills the pixel budget exactly
 SHAPES = {
@@ -149,14 +152,14 @@ def decode_ms_per_token(ctx, cfg, prompts, new_tokens):
     """Milliseconds per decoded token of one generate call of `rollout_batch_size` rows with gathered weights:
     (time for 1 + new_tokens tokens - time for 1) / new_tokens, so prefill and vision do not count (after a
     warm-up call)."""
-    trajs, _ = start_groups(prompts, ctx.tokenizer, ctx.image_processor, cfg.num_generations, cfg,
+    trajs, _ = start_groups(prompts, ctx.tokenizer, ctx.image_processor, cfg.num_generations, ctx.rollout,
                             MGPO_PROMPTS.system, lambda s: MGPO_PROMPTS.turn1.format(question=s.question))
     trajs = trajs[:cfg.rollout_batch_size]
     seconds = []
     with gathered(ctx.model):
         for n in (1, 1, 1 + new_tokens):
             start = time.time()
-            generate_for(ctx.model, ctx.tokenizer, trajs, n, cfg)
+            generate_for(ctx.model, ctx.tokenizer, trajs, n, ctx.rollout)
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize()
             seconds.append(time.time() - start)
@@ -185,35 +188,32 @@ def main(argv=None):
                                                                 attn_implementation="sdpa")
     model = shard_model(model.eval(), torch.bfloat16)  # fp32 master weights, bf16 compute: training's setup
     processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=cfg.global_max_pixels)
-    fill_budgets(cfg, processor)
-    cfg.mini_batch_size = cfg.batch_size * cfg.num_generations  # loop.setup's default: one step per batch
-    ctx = SimpleNamespace(rank=0, world_size=1, device=device, dtype=torch.bfloat16, model=model, ref_model=None,
-                          tokenizer=tokenizer, image_processor=processor, start_step=0,
-                          optimizer=torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate))
+    ctx = SimpleNamespace(device=device, model=model, tokenizer=tokenizer, image_processor=processor,
+                          rollout=rollout_config(cfg, processor))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
     measured = {"rollout": 0, "update": 0}
-    seen = {}
-    peaks = Peaks(device, model, ctx.optimizer)
-
-    def rollout(ctx, cfg, prompts):  # train_step's rollout_fn: the phase boundary for the peaks
-        seen.clear()  # the last step's trajectories: host memory on a GPU machine
-        peaks.reset()
-        out = mgpo_step(ctx, cfg, prompts)
-        measured["rollout"] = max(measured["rollout"], peaks.peak())
-        seen["trajs"] = out[0]
-        peaks.reset()
-        return out
-
+    peaks = Peaks(device, model, optimizer)
     update_seconds, update_tokens, update_patches = 0.0, 0, 0
     with peaks:
-        for step in range(args.steps):
-            metrics = train_step(ctx, cfg, samples(mode, cfg.batch_size, step), rollout)
+        for step in range(args.steps):  # train_mgpo.py's step, with the peak of each phase
+            trajs = None  # the last step's trajectories: host memory on a GPU machine
+            model.eval()
+            with gathered(model):
+                peaks.reset()
+                trajs = mgpo_rollout(model, tokenizer, processor, samples(mode, cfg.batch_size, step),
+                                     cfg.num_generations, ctx.rollout)
+                measured["rollout"] = max(measured["rollout"], peaks.peak())
+                peaks.reset()
+            rewards = [mgpo_reward(t, cfg) for t in trajs]
+            advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_by_std)
+            start = time.time()
+            grpo_update(model, optimizer, trajs, advantages, tokenizer, cfg, device, torch.bfloat16)
+            seconds = time.time() - start
             measured["update"] = max(measured["update"], peaks.peak())
-            tokens = sum(len(t.input_ids) for t in seen["trajs"])
             if step > 0:  # the first step warms up kernels and allocates the optimizer state
-                update_seconds += tokens / metrics["update_tokens_per_s"]
-                update_tokens += tokens
-                update_patches += sum(int(t.image_grid_thw.prod(-1).sum()) for t in seen["trajs"])
-    trajs = seen["trajs"]
+                update_seconds += seconds
+                update_tokens += sum(len(t.input_ids) for t in trajs)
+                update_patches += sum(int(t.image_grid_thw.prod(-1).sum()) for t in trajs)
     prompt_text, turn_text = text_tokens(trajs[0])
     predicted = memory.predict(cfg, config, 1, text_tokens=(prompt_text, turn_text))
     overhead = {"CUDA context", "allocator slack"}

@@ -11,11 +11,13 @@ what RL will explore from: a base whose greedy answer never crops the target may
 
 The protocol, printed with every result:
 - options are shuffled per question with a fixed seed (`--no_shuffle` reproduces unshuffled reports); HR-Bench is
-  not shuffled: its rows hold each question once per option rotation (`cycle_category` is the rotation), and its
-  accuracy is the mean over rotations of each rotation's accuracy;
+  not shuffled: it asks each question once per rotation of its options, `cycle_category` being the rotation index
+  that every question asked in that rotation shares (benchmarks.read_hrbench), and its accuracy is the mean over
+  rotations of each rotation's accuracy (`accuracy`);
 - the global view is resized under `--global_max_pixels` and every crop, cut from the original, under
   `--crop_max_pixels` (the LFPC paper's 1,024 vs 16,384 visual-token comparison is one flag);
-- a crop is scored against its best-matching ground-truth box (V* has one box per target, not nested boxes);
+- a crop is scored against its best-matching ground-truth box, the one of highest IoU (`crop.box_metrics`, as
+  in training; V* has one box per target, not nested boxes);
 - each run also splits the questions by their first crop's coverage of the ground truth (`by_first_crop`:
   covers > 0.9, partial, misses, no crop) with the share and accuracy of each: whether answers follow the crop;
 - `--probe gt|noise` runs the same questions twice, without and with the probe (the predicted crop replaced by
@@ -33,15 +35,18 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-from config import opt, parse_config
-from crop import box_area_ratio, coverage, iou
-from data import LETTERS, load_image, read_benchmark, synthetic_samples
+from answers import answer_matches
+from benchmarks import read_benchmark
+from config import opt, parse_config, rollout_config
+from crop import box_metrics
+from data import LETTERS, load_image
 from distributed import setup_distributed
 from model import default_device, load_policy
 from pictures import save_picture, trajectory_picture
-from rewards import COVERAGE_THRESHOLD, accuracy_reward, answer_matches, tool_accuracy_reward
-from rollout import (DIRECT_PROMPT, DIRECT_SYSTEM, MGPO_PROMPTS, TOOL_PROMPTS, direct_rollout, mgpo_rollout,
-                     tool_rollout, visual_tokens)
+from prompts import DIRECT_PROMPT, DIRECT_SYSTEM, MGPO_PROMPTS, TOOL_PROMPTS
+from rewards import COVERAGE_THRESHOLD, accuracy_reward, tool_accuracy_reward
+from rollout import direct_rollout, mgpo_rollout, tool_rollout, visual_tokens
+from synthetic import synthetic_samples
 from tiny import resolve_model_path
 
 MODES = ("direct", "mgpo", "tool")
@@ -121,13 +126,15 @@ def prompt_wording(mode):
 # ---------------------------------------------------------------------------------------------------------------
 # Answering and scoring.
 
-def run_batch(policy, samples, cfg):
+def run_batch(policy, samples, mode, rcfg):
+    """One answer per sample in `mode`, with the rollout options `rcfg` (a config.RolloutConfig)."""
     model, tokenizer, image_processor = policy
-    if cfg.mode == "direct":
-        return direct_rollout(model, tokenizer, image_processor, samples, 1, cfg, cfg.max_new_tokens)
-    if cfg.mode == "mgpo":
-        return mgpo_rollout(model, tokenizer, image_processor, samples, 1, cfg)
-    return tool_rollout(model, tokenizer, image_processor, samples, 1, cfg)
+    if mode == "direct":
+        return direct_rollout(model, tokenizer, image_processor, samples, 1, rcfg, rcfg.max_new_tokens,
+                              do_sample=rcfg.do_sample)
+    if mode == "mgpo":
+        return mgpo_rollout(model, tokenizer, image_processor, samples, 1, rcfg)
+    return tool_rollout(model, tokenizer, image_processor, samples, 1, rcfg)
 
 
 def is_correct(traj, mode):
@@ -140,16 +147,15 @@ def is_correct(traj, mode):
 
 
 def record(traj, mode, seconds):
-    """One question's result: correctness, crops against the ground truth, cost."""
+    """One question's result: correctness, each crop against the ground truth (crop.box_metrics), cost."""
     s = traj.sample
-    gt = s.boxes or []
+    scored = [box_metrics(box, s.boxes, traj.original_size) for box in traj.crop_boxes]
     return {"id": s.id, "group": s.meta.get("group", "all"), "cycle": s.meta.get("cycle_category"),
             "answer": s.answer, "correct": is_correct(traj, mode), "text": traj.texts[-1],
             "crops": len(traj.crop_boxes), "valid_box": traj.box_valid if mode == "mgpo" else None,
-            "tool_calls": traj.tool_calls, "has_boxes": bool(gt),
-            "iou": [max(iou(box, b) for b in gt) for box in traj.crop_boxes if gt],
-            "coverage": [max(coverage(box, b) for b in gt) for box in traj.crop_boxes if gt],
-            "area": [box_area_ratio(box, traj.original_size) for box in traj.crop_boxes],
+            "tool_calls": traj.tool_calls, "has_boxes": bool(s.boxes),
+            "iou": [m[0] for m in scored if s.boxes], "coverage": [m[1] for m in scored if s.boxes],
+            "area": [m[2] for m in scored],
             "visual_tokens": visual_tokens(traj), "seconds": seconds}
 
 
@@ -164,18 +170,19 @@ def rank_share(count, rank, world_size):
     return mine + [mine[-1] if mine else 0] * stand_ins, len(mine)
 
 
-def answer_all(policy, samples, cfg, rank, world_size, vis_dir):
-    """The records of this rank's share of the questions (`rank_share`: no question dropped or counted twice)."""
+def answer_all(policy, samples, mode, rcfg, batch_size, rank, world_size, vis_dir, save_vis=0):
+    """The records of this rank's share of the questions (`rank_share`: no question dropped or counted twice),
+    `batch_size` questions per rollout; pictures of the first `save_vis` questions in `vis_dir`."""
     share, recorded = rank_share(len(samples), rank, world_size)
     records = []
-    for start in tqdm(range(0, len(share), cfg.batch_size), disable=rank != 0, desc=f"eval {cfg.probe}"):
-        index = share[start:start + cfg.batch_size]
+    for start in tqdm(range(0, len(share), batch_size), disable=rank != 0, desc=f"eval {rcfg.probe}"):
+        index = share[start:start + batch_size]
         began = time.time()
-        trajs = run_batch(policy, [samples[i] for i in index], cfg)
+        trajs = run_batch(policy, [samples[i] for i in index], mode, rcfg)
         seconds = (time.time() - began) / len(trajs)
         for _, i, traj in zip(range(start, recorded), index, trajs):  # stops before the stand-ins
-            records.append({"index": i, **record(traj, cfg.mode, seconds)})
-            if i < cfg.save_vis:
+            records.append({"index": i, **record(traj, mode, seconds)})
+            if i < save_vis:
                 verdict = f"{'correct' if records[-1]['correct'] else 'wrong'} (answer {traj.sample.answer})"
                 save_picture(trajectory_picture(traj, load_image(traj.sample), verdict),
                              os.path.join(vis_dir, f"{i:04d}.png"))
@@ -269,37 +276,32 @@ def evaluate(cfg):
     os.makedirs(cfg.output_dir, exist_ok=True)
     policy = load_policy(resolve_model_path(cfg.model, cfg.output_dir), device, dtype)
     policy[0].to(dtype)  # evaluation never trains: every rank holds the whole model in the compute dtype
-    image_processor = policy[2]
-    cfg.min_pixels = image_processor.size["shortest_edge"]
-    cfg.global_max_pixels = cfg.global_max_pixels or image_processor.size["longest_edge"]
-    cfg.crop_max_pixels = cfg.crop_max_pixels or cfg.global_max_pixels
-    cfg.do_sample = cfg.temperature > 0
+    rcfg = rollout_config(cfg, policy[2], do_sample=cfg.temperature > 0, probe="none")
     torch.manual_seed(cfg.seed)
     samples = protocol_samples(load_questions(cfg), cfg)
     if cfg.probe == "gt" and any(not s.boxes for s in samples):
         raise SystemExit(f"error: --probe gt needs ground-truth boxes on every question of --data {cfg.data}")
     runs, all_records = {}, {}
-    requested = cfg.probe
-    for probe in ["none"] + ([requested] if requested != "none" else []):
-        cfg.probe = probe  # read by the rollout's crop step
+    for probe in ["none"] + ([cfg.probe] if cfg.probe != "none" else []):
         vis_dir = os.path.join(cfg.output_dir, "vis" if probe == "none" else f"vis_probe_{probe}")
-        records = gather(answer_all(policy, samples, cfg, rank, world_size, vis_dir))
+        records = gather(answer_all(policy, samples, cfg.mode, replace(rcfg, probe=probe), cfg.batch_size, rank,
+                                    world_size, vis_dir, cfg.save_vis))
         name = "unprobed" if probe == "none" else f"probe_{probe}"
         runs[name], all_records[name] = metrics(records), records
-    if requested != "none":
-        runs[f"accuracy_change_{requested}"] = runs[f"probe_{requested}"]["accuracy"] - runs["unprobed"]["accuracy"]
+    if cfg.probe != "none":
+        runs[f"accuracy_change_{cfg.probe}"] = runs[f"probe_{cfg.probe}"]["accuracy"] - runs["unprobed"]["accuracy"]
     if rank == 0:
-        write_results(cfg, runs, all_records)
+        write_results(cfg, rcfg, runs, all_records)
     if dist.is_initialized():
         dist.barrier()  # rank 0 wrote the results; tearing down before the others can abort gloo
         dist.destroy_process_group()
     return runs
 
 
-def write_results(cfg, runs, records):
+def write_results(cfg, rcfg, runs, records):
     protocol = {"mode": cfg.mode, "data": cfg.data, "shuffled_options": not cfg.no_shuffle, "seed": cfg.seed,
-                "global_max_pixels": cfg.global_max_pixels, "crop_max_pixels": cfg.crop_max_pixels,
-                "decoding": f"sampled, temperature {cfg.temperature}" if cfg.do_sample else "greedy",
+                "global_max_pixels": rcfg.global_max_pixels, "crop_max_pixels": rcfg.crop_max_pixels,
+                "decoding": f"sampled, temperature {cfg.temperature}" if rcfg.do_sample else "greedy",
                 "prompts": prompt_wording(cfg.mode)}
     with open(os.path.join(cfg.output_dir, "results.json"), "w") as f:
         json.dump({"protocol": protocol, "config": asdict(cfg), "runs": runs, "records": records}, f, indent=1)

@@ -5,7 +5,8 @@ One update over a rollout batch:
     old_logprobs = logprobs(policy, batch)               once, no grad: true ratios across several mini-batches
                                                           (skipped when there is one step per batch: ratio = 1)
     for each mini-batch:                                  one optimizer step each
-        for each micro-batch:                             gradient accumulation
+        for each micro-batch:                             gradient accumulation (micro_batch_size trajectories, or
+                                                          by length within max_tokens_per_micro_batch)
             ratio = exp(clamp(logprobs - old_logprobs, -20, 20))
             pg    = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
             pg    = min(pg, -A * clip_ratio_c)   where A < 0             dual clip (0: off)
@@ -16,7 +17,9 @@ One update over a rollout batch:
         clip grad norm, AdamW step (skipped on a non-finite norm)
 
 Under FSDP2 every backward reduce-scatters and gradients are averaged over ranks, so dividing each rank's token sum
-by global_tokens / world_size gives the exact token-mean over the global mini-batch.
+by global_tokens / world_size gives the exact token-mean over the global mini-batch. Every rank runs as many
+forward/backward passes per mini-batch as the rank with the most micro-batches (a rank with fewer adds passes of
+zero weight): a rank that skipped one would leave the others waiting in its all-gather or reduce-scatter.
 
 `rollout_logprobs` are those of the sampler (`generate`); `old_logprobs` those of the training forward with the
 same weights. In fp32 they agree to ~1e-6; in bf16 they do not, and w corrects the gradient for sampling from the
@@ -29,8 +32,8 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from distributed import all_reduce_sum, world
-from rollout import collate, forbidden_token_ids
+from distributed import all_reduce_sum, max_over_ranks, world
+from generation import collate, forbidden_token_ids
 
 # verl's bound on a log-ratio before exp: e^20 = 4.9e8 keeps every ratio, and its gradient, finite (fp32 and bf16
 # overflow past e^88; an inf ratio times A = 0 is NaN)
@@ -81,10 +84,10 @@ def training_batch(trajs, tokenizer, image_token_id, device, dtype):
 
 
 def padded(rows, width, device):
-    """Per-token lists as one fp32 [len(rows), width] tensor, each row right-padded with 0."""
+    """Per-token lists (or 1-D tensors) as one fp32 [len(rows), width] tensor, each row right-padded with 0."""
     out = torch.zeros((len(rows), width), dtype=torch.float32)
     for i, row in enumerate(rows):
-        out[i, :len(row)] = torch.tensor(row, dtype=torch.float32)
+        out[i, :len(row)] = torch.as_tensor(row, dtype=torch.float32)
     return out.to(device)
 
 
@@ -153,39 +156,89 @@ def split(items, size):
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def micro_batches(lengths, mini_batch_size, micro_batch_size, max_tokens=0):
+    """Trajectory indices of each micro-batch of each mini-batch: [[micro, ...] per mini-batch]. A mini-batch is
+    `mini_batch_size` consecutive trajectories (as sampled: whole groups).
+
+    max_tokens 0: micro-batches of `micro_batch_size` consecutive trajectories. max_tokens N > 0: the mini-batch's
+    trajectories longest first, each micro-batch as many as keep its padded size (rows x its longest row) <= N; a
+    trajectory longer than N is a micro-batch of its own. E.g. lengths [5, 9, 3, 8], N = 16: longest first 9, 8, 5,
+    3 -> [[[1], [3, 0], [2]]] (2 x 9 > 16: 9 alone; 2 x 8 = 16: 8 and 5; 3 x 8 > 16: 3 alone), 28 padded tokens
+    for 25, where micro-batches of 2 as sampled pad [5, 9] and [3, 8] to 34."""
+    minis = split(list(range(len(lengths))), mini_batch_size)
+    if max_tokens == 0:
+        return [split(mini, micro_batch_size) for mini in minis]
+    packed = []
+    for mini in minis:
+        micros = []
+        for i in sorted(mini, key=lambda i: -lengths[i]):  # stable: equal lengths stay in sampled order
+            if micros and (len(micros[-1]) + 1) * lengths[micros[-1][0]] <= max_tokens:
+                micros[-1].append(i)
+            else:
+                micros.append([i])
+        packed.append(micros)
+    return packed
+
+
+def in_step_over_ranks(minis):
+    """Each mini-batch's micro-batches followed by None (a pass of zero weight) up to the most micro-batches any
+    rank has for it: under FSDP2 each forward all-gathers and each backward reduce-scatters, so every rank must run
+    as many passes. E.g. rank 0 [[[0, 1]]] and rank 1 [[[3], [2]]] -> rank 0 [[[0, 1], None]]."""
+    return [mini + [None] * (int(max_over_ranks(len(mini))) - len(mini)) for mini in minis]
+
+
+def micro_inputs(trajs, micro, spare, tokenizer, model, device, dtype):
+    """(trajectories, batch, loss_mask) of a micro-batch; a None micro-batch runs the `spare` indices instead."""
+    chosen = [trajs[i] for i in (spare if micro is None else micro)]
+    return (chosen, *training_batch(chosen, tokenizer, model.config.image_token_id, device, dtype))
+
+
 @torch.no_grad()
-def batch_logprobs(model, trajs, tokenizer, cfg, device, dtype):
-    """Log-probs [B, L] per micro-batch, no grad: the old policy's (or the reference's) for a rollout batch."""
+def batch_logprobs(model, trajs, tokenizer, cfg, device, dtype, micros=None):
+    """Log-probs [B, L] per micro-batch, no grad: the old policy's (or the reference's) for a rollout batch.
+    `micros`: trajectory indices per micro-batch (None: a pass whose result is dropped, see in_step_over_ranks);
+    by default micro_batch_size consecutive trajectories."""
+    micros = micros or split(list(range(len(trajs))), cfg.micro_batch_size)
     forbidden = forbidden_token_ids(tokenizer)
+    spare = next(m for m in micros if m is not None)[-1:]
     out = []
-    for micro in split(trajs, cfg.micro_batch_size):
-        batch, mask = training_batch(micro, tokenizer, model.config.image_token_id, device, dtype)
-        out.append(sequence_logprobs(model, batch, mask, forbidden, cfg.temperature).cpu())
+    for micro in micros:
+        _, batch, mask = micro_inputs(trajs, micro, spare, tokenizer, model, device, dtype)
+        logprobs = sequence_logprobs(model, batch, mask, forbidden, cfg.temperature).cpu()
+        out.append(None if micro is None else logprobs)
     return out
+
+
+def by_trajectory(trajs, micros, logprobs):
+    """{trajectory index: its log-probs [its length]} from batch_logprobs' per-micro-batch [B, L]."""
+    return {i: row[:len(trajs[i].input_ids)] for micro, rows in zip(micros, logprobs) if micro is not None
+            for i, row in zip(micro, rows)}
 
 
 def grpo_update(model, optimizer, trajs, advantages, tokenizer, cfg, device, dtype, ref_model=None):
     """Optimizer steps over `trajs` (this rank's share of the batch). Returns averaged metrics.
 
-    cfg needs: mini_batch_size, micro_batch_size (in trajectories per rank), ppo_epochs, clip_eps_low/high,
-    clip_ratio_c, kl_coef, kl_clamp, tis_cap, loss_agg ('token_mean' | 'seq_mean'), max_grad_norm, temperature,
-    gradient_checkpointing."""
+    cfg needs: mini_batch_size (0: all of `trajs`), micro_batch_size (in trajectories per rank),
+    max_tokens_per_micro_batch (0: off), ppo_epochs, clip_eps_low/high, clip_ratio_c, kl_coef, kl_clamp, tis_cap,
+    loss_agg ('token_mean' | 'seq_mean'), max_grad_norm, temperature, gradient_checkpointing."""
     # HF checkpoints layers only in training mode. Qwen2.5-VL has no dropout (attention_dropout 0, checked at
     # start-up), so the mode changes nothing else: the ratio is still exactly 1 before the first step.
     model.train(cfg.gradient_checkpointing)
-    micro_index = list(range(math.ceil(len(trajs) / cfg.micro_batch_size)))
-    per_mini = cfg.mini_batch_size // cfg.micro_batch_size
+    minis = in_step_over_ranks(micro_batches([len(t.input_ids) for t in trajs], cfg.mini_batch_size or len(trajs),
+                                             cfg.micro_batch_size, cfg.max_tokens_per_micro_batch))
+    micros = [micro for mini in minis for micro in mini]
     # With one optimizer step per rollout batch the old policy *is* the current one: the ratio is exactly 1 and
     # its gradient is that of the log-probs, so the extra no-grad forward is skipped (old = logprobs.detach()).
-    single_step = cfg.ppo_epochs == 1 and per_mini >= len(micro_index)
-    old = None if single_step else batch_logprobs(model, trajs, tokenizer, cfg, device, dtype)
-    ref = batch_logprobs(ref_model, trajs, tokenizer, cfg, device, dtype) if cfg.kl_coef > 0 else None
+    single_step = cfg.ppo_epochs == 1 and len(minis) == 1
+    scored = lambda m: by_trajectory(trajs, micros, batch_logprobs(m, trajs, tokenizer, cfg, device, dtype, micros))
+    old = None if single_step else scored(model)
+    ref = scored(ref_model) if cfg.kl_coef > 0 else None
     forbidden = forbidden_token_ids(tokenizer)
     averaged = ("loss", "clip_frac", "kl", "rollout_logprob_diff", "rollout_kl")
     totals = {**dict.fromkeys(averaged, 0.0), "grad_norm": 0.0, "tokens": 0.0, "skipped": 0}
     steps = 0
     for _ in range(cfg.ppo_epochs):
-        for mini in split(micro_index, per_mini):
+        for mini in minis:
             step = accumulate(model, trajs, advantages, old, ref, mini, tokenizer, cfg, device, dtype, forbidden)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -205,29 +258,36 @@ def grpo_update(model, optimizer, trajs, advantages, tokenizer, cfg, device, dty
 def accumulate(model, trajs, advantages, old, ref, micros, tokenizer, cfg, device, dtype, forbidden):
     """Forward/backward over the micro-batches of one mini-batch; gradients hold the global loss mean.
 
-    Under FSDP2 every backward reduce-scatters, and FSDP2 adds the result to the sharded gradients: a rank never
-    holds more than its shard (1/world of the fp32 gradients). Skipping that sync on all but the last micro-batch
-    would keep unsharded fp32 gradients of the whole model on every rank, 33 GB at 7B."""
-    size = cfg.micro_batch_size
-    masks = [torch.tensor([sum(t.loss_mask) for t in trajs[i * size:(i + 1) * size]]) for i in micros]
+    micros: trajectory indices per micro-batch, None for a pass of zero weight (in_step_over_ranks); old/ref:
+    {trajectory index: log-probs} or None. Under FSDP2 every backward reduce-scatters, and FSDP2 adds the result to
+    the sharded gradients: a rank never holds more than its shard (1/world of the fp32 gradients). Skipping that
+    sync on all but the last micro-batch would keep unsharded fp32 gradients of the whole model on every rank,
+    33 GB at 7B."""
+    live = [i for micro in micros if micro is not None for i in micro]
     if cfg.loss_agg == "token_mean":
-        denom = all_reduce_sum(sum(m.sum().item() for m in masks)) / world()
+        denom = all_reduce_sum(sum(sum(trajs[i].loss_mask) for i in live)) / world()
     else:  # seq_mean: each sequence's token-mean, averaged over the global mini-batch's sequences
-        denom = all_reduce_sum(sum(len(m) for m in masks)) / world()
+        denom = all_reduce_sum(len(live)) / world()
     stats = dict.fromkeys(("loss", "clip_frac", "kl", "rollout_logprob_diff", "rollout_kl", "tokens"), 0.0)
-    for i in micros:
-        micro = trajs[i * size:(i + 1) * size]
-        batch, mask = training_batch(micro, tokenizer, model.config.image_token_id, device, dtype)
+    for micro in micros:
+        # a pass of zero weight runs a real trajectory (the shortest, when packed by length) through every unit,
+        # so that its all-gathers and reduce-scatters are those of the other ranks' passes
+        chosen, batch, mask = micro_inputs(trajs, micro, live[-1:], tokenizer, model, device, dtype)
+        rows = live[-1:] if micro is None else micro
         weight = mask if cfg.loss_agg == "token_mean" else mask / mask.sum(1, keepdim=True).clamp(min=1)
         logprobs = sequence_logprobs(model, batch, mask, forbidden, cfg.temperature)
-        old_logprobs = logprobs.detach() if old is None else old[i].to(device)
+        old_logprobs = logprobs.detach() if old is None else padded([old[i] for i in rows], mask.shape[1], device)
         # log p_train - log p_rollout of each sampled token, same weights (0 elsewhere: both are 0 there)
-        drift = old_logprobs - padded([t.rollout_logprobs for t in micro], mask.shape[1], device)
-        loss, clipped, kl = policy_loss(logprobs, old_logprobs, advantages[i * size:(i + 1) * size].to(device),
+        drift = old_logprobs - padded([t.rollout_logprobs for t in chosen], mask.shape[1], device)
+        loss, clipped, kl = policy_loss(logprobs, old_logprobs, advantages[rows].to(device),
                                         cfg.clip_eps_low, cfg.clip_eps_high, cfg.clip_ratio_c,
-                                        None if ref is None else ref[i].to(device), cfg.kl_coef, cfg.kl_clamp,
+                                        None if ref is None else padded([ref[i] for i in rows], mask.shape[1], device),
+                                        cfg.kl_coef, cfg.kl_clamp,
                                         drift.exp().clamp(max=cfg.tis_cap) if cfg.tis_cap > 0 else None)
         loss = (loss * weight).sum() / denom
+        if micro is None:
+            (loss * 0).backward()
+            continue
         loss.backward()
         stats["loss"] += loss.item()
         stats["clip_frac"] += (clipped * mask).sum().item()

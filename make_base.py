@@ -4,110 +4,11 @@ read a clear crop and can box a named object, but has no trained sense of where 
     python make_base.py                      # writes checkpoints/tiny-base (committed; ~70 minutes, 1 thread)
     python train_mgpo.py                     # the demo: MGPO from that base (README, "Quick start")
 
-Supervised fine-tuning (plain PyTorch, CPU) of a freshly built tiny Qwen2.5-VL, in four phases, with the loss
-on assistant tokens only.
-
-Phase 1, reading and pointing (short single-turn examples):
-- reading: "[crop] Pattern?" -> "vertical stripes", the crop a square of `read_crop_sides` original pixels holding
-  one whole frame (any of the five colours). The one skill RL cannot teach: telling the four period-4 patterns apart
-  at full resolution. Without it p(correct | crop with the target) stays at chance and no box earns more reward.
-  The held-out reading accuracy is printed after each phase (this base: 0.81, 0.89, 0.98, 1.00 on 100 crops, 11 of
-  them diagonal stripes); phases 1 and 2 leave diagonal stripes read as a checkerboard, phase 3 fixes that.
-- pointing: "[global view] Where is the red frame? Output the coordinates ..." in MGPO's system prompt and turn-1
-  instruction -> 'The key area is the red frame:\n```json [{"bbox_2d": [...], "label": "red frame"}] ```' with a
-  grid box that holds the whole frame. This is the grounding a pretrained VLM brings: Qwen2.5-VL boxes a named
-  object when asked, in the chat format it is used in. (Asked in a short prompt of its own, the skill did not carry
-  over to MGPO's turn 1: 0.73-0.88 of the pointing answers held the frame, 0.00-0.11 of the turn-1 boxes that
-  named it.) `tool_pointing` asks the same in the tool-call template, with the options, so that the answer sits as
-  many tokens after the global view as a tool call does (off by default: the committed base has none, and its
-  sampled tool calls hold the frame 0.02 of the time against MGPO's 0.12; two schedules with it: (7) below).
-
-Phase 2, formats. Conversations made with the repo's own rollout helpers (`start_groups`, `append_sampled`,
-`cut_crop`, `append_user_turn`), as token ids:
-
-    MGPO template   turn 1  'The key area is in the top half:\n```json\n[{"bbox_2d": [x1, y1, x2, y2],
-                             "label": "top half"}]\n```'   (or "... is the red frame: ...")
-                    turn 2  "\\boxed{<pattern>}<|im_end|>"    e.g. \\boxed{vertical stripes}
-    tool template   turn 1  "<think>The key area is in the top half.</think>\n<tool_call>{"name": "image_zoom_in_tool",
-                             "arguments": {"bbox_2d": [x1, y1, x2, y2]}}</tool_call>"
-                    turn 2  "<answer><pattern></answer>"
-    single turn     "\\boxed{<random option>}"  (rollout.DIRECT_PROMPT, the GRPO baseline's format)
-
-The place is drawn uniformly from PLACES, whatever the question asks: "red frame" (then the box holds the red
-frame, as in pointing) or one of the four halves of the image (then the box holds a distractor frame in that half
-if it has one, else it is a random grid box inside it). So the SFT data names the question's target one time in
-five and otherwise looks somewhere that has nothing to do with the question: the base knows how to box the red
-frame but not that it should. Its greedy turn 1 names a half (see `said`).
-The crop is the box written in turn 1; turn 2 names the pattern of the frame the crop holds whole (the red one, a
-distractor, or none: then a random option), so with a crop of the red frame the base answers right, elsewhere it
-is right one time in four. Whether RL with an answer reward alone teaches it to name and box the red frame in turn
-1 is what the demo shows. Phase 2 also mixes in `mix_reading` and `mix_pointing` phase-1 examples so that the
-format training does not wash those skills out.
-
-Phase 3, the vision tower alone (language model frozen): the reading examples and the first `vision_convs`
-phase-2 conversations, `vision_steps` steps at `vision_learning_rate`. After phase 2 the base reads held-out crops
-0.75, every error a diagonal stripe called a checkerboard, and that capped MGPO's accuracy near 0.72 with every box
-on the target. Reading alone learns all four patterns at lr 1e-3 (not at phase 1's 3e-3), but every whole-model
-rebuild at that lr lost the pointing and the turn-1 text MGPO starts from; the vision tower alone changes what the
-model sees, not what it writes. The conversations keep turn 1 as it was (on reading crops alone, 1200 steps garble
-the turn-1 place names; with pointing examples in its data, the frozen language model names the red frame in 58 of
-64 greedy turn-1s: no longer a base).
-
-Phase 4, the readout: phase 2's data again (fresh conversations from their own random stream, the same mixed-in
-reading and pointing examples) for the whole model, `readout_steps` steps at `readout_learning_rate`. The frozen
-language model's turn-2 readout was trained when two patterns looked alike and does not follow the retrained
-vision tower: with turn 1 forced to a grid box that holds the target, turn 2 answers 0.84 after phase 3 and MGPO
-still stops at 0.72. With the loss on turn 2 alone it reads 0.98, but the shared weights move turn 1 too (greedy, it
-names the red frame 23 times in 64: no longer a base); without the pointing examples the sampled turn 1 names the
-red frame 9 times in 64 instead of 26, and MGPO (0.78) explores from those. Each variant measured on the way is in
-the notes of issue 5.
-
-The boxes are 42 or 56 pixels of the 224-px global view (168 or 224 original pixels): the crop is shown at its own
-resolution under the 224 x 224 crop budget, so the period-4 pattern is intact (an 84-px box is 336 original pixels,
-shown at 2/3 scale, and the tiny model reads such crops much worse). Two sizes let LFPC's grounding reward prefer
-the tighter one.
-
-Each coordinate is one token: the base's tokenizer is the tiny one plus the numbers 0..224 as added tokens. Real
-Qwen writes digits one by one; at 0.6M parameters that did not work: with 3 digit slots per coordinate only half
-the sampled boxes were well formed, and even supervised on the right boxes (240 steps) the model did not learn to
-place them (coverage 0.05); with one token per coordinate and the colour ramp of data._cluttered_canvas it did.
-
-The model is built here rather than by `tiny.build_tiny` because the tiny default's M-RoPE cannot tell image
-columns apart: with head_dim 16, rope_theta 10000 and mrope_section [2, 3, 3], the width axis gets the three
-lowest frequencies (<= 0.003 rad per position), so 8 columns of visual tokens differ by < 0.03 rad. Here
-head_dim 32, mrope_section [1, 3, 12] and rope_theta 500 give rows 0.3-0.7 and columns 0.003-0.2 rad per visual
-token (the lowest width frequencies stay nearly position-free for text).
-Same chat template and image processor as the tiny model; the checkpoint is about 2.4 MB.
-
-Measured on the committed checkpoint (built with these defaults, about 70 minutes on one thread), 64 held-out
-questions in the MGPO template: greedy, turn 1 names a half every time (right half 4, bottom half 60), 0.36 of the
-boxes valid, coverage of the target 0.05 (0.16 over the valid boxes), accuracy 0.30. Sampled (temperature 1): "the
-red frame" 15 times (the SFT data had it one time in five; the pointing examples, asked in the same format, pull it
-up), and 0.54 of those boxes hold the whole frame; accuracy overall 0.36. Asked "Where is the red frame?" in MGPO's
-format, it boxes it whole 45 times in 48 (greedy). Held-out crops in the reading format (160, greedy): 0.99. Turn 1
-forced to a grid box that holds the target, turn 2 answers 0.91 (greedy). MGPO from it: 0.30 -> 0.92 in 200 steps
-(README).
-What did not work, measured the same way: (1) turn-1 boxes at random positions (the previous base): 100-200 MGPO
-steps never found the frame; (2) turn 1 naming one of the five frames at random and boxing it: the tiny model did
-not learn to tell the colours apart when asked (held-out pointing hits 0.04 after 1200 steps; asked only for the
-red frame, 0.63 after 300 steps); (3) pointing asked in a short prompt of its own: 0.73-0.88 hits there, but only
-0.00-0.11 of the MGPO turn-1 boxes that named the red frame held it; (4) quarters instead of halves ("bottom right
-quarter"): the base garbled the longer names; (5) halves with random boxes: turn 2 was mostly a guess and the
-base read even a crop of the red frame right only 0.33 of the time; (6) twice the pointing examples (phase-2
-mix 1600): the greedy base named the red frame 17 times in 64, no longer a base without a sense of where to look;
-(7) pointing in the tool-call template too, for LFPC (`--tool_pointing 1200 --mix_tool_pointing 400 --tool_fraction
-0.4 --num_images 1500`): reading 0.35 after phase 1 and 1.00 after phase 4, but the greedy MGPO turn 1 named the red
-frame 64 times in 64 (no longer a base) and garbled the half names ("in the bot half"); with `--tool_pointing 2400
---mix_tool_pointing 800 --tool_fraction 0.5 --num_images 1800 --read_steps 1800` it stayed a base (greedy: halves)
-and sampled tool calls held the frame 0.12 of the time (this base: 0.02), but reading ended at 0.66 and the tool
-format broke in 0.68 of the sampled tool episodes (no valid crop; this base 0.82). Yet LFPC stage I (README's
-`$LFPC`) from that one learned where to crop, as from no other base: held-out 0.14 -> 0.44, IoU 0.15 -> 0.40,
-coverage 0.28 -> 0.71, crop area 0.096 -> 0.068 (stage II then: IoU 0.43, coverage 0.88, area 0.095). A base with
-its tool template and this base's reading is the way to the LFPC target; neither schedule gave both. (8) The second
-schedule with `--read_images 1500 --read_steps 3000` (about 115 minutes): reading 0.92 after phase 4, but the greedy
-turn 1 names the red frame 64 times in 64 in both templates (MGPO: boxes of 0.56 of the image, accuracy 0.25), 0.69
-of the sampled tool episodes end without a valid crop, and LFPC stage I from it learned to crop the whole image
-(area 0.19 -> 1.00, accuracy 0.00 -> 0.25).
+Supervised fine-tuning (plain PyTorch, CPU) of a freshly built tiny Qwen2.5-VL, with the loss on assistant tokens
+only, in four phases: 1. reading a pattern from a crop, and pointing at the red frame; 2. the MGPO, tool and direct
+formats, turn 1 naming a place drawn at random whatever the question; 3. the vision tower alone; 4. the turn-2
+readout. Each phase's design and why, the model's shape, the measurements of the committed checkpoint and what did
+not work: docs/demo.md, "How the base was built (make_base.py)".
 """
 
 import math
@@ -123,12 +24,16 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from config import opt, parse_config
 from crop import coverage, resize_for_model, to_original
-from data import format_choices, load_image, synthetic_samples
+from data import format_choices, load_image
+from generation import collate
 from grpo import training_batch
 from model import save_policy
-from rollout import (DIRECT_PROMPT, DIRECT_SYSTEM, MGPO_PROMPTS, TOOL_PROMPTS, Trajectory, append_sampled,
-                     append_user_turn, collate, cut_crop, encode_images, encode_prompt, start_groups)
-from tiny import SPECIAL_TOKENS, TINY_BASE, TINY_MAX_PIXELS, TINY_MIN_PIXELS, build_tiny_tokenizer
+from prompts import DIRECT_PROMPT, DIRECT_SYSTEM, MGPO_PROMPTS, TOOL_PROMPTS
+from rollout import (Trajectory, append_sampled, append_user_turn, cut_crop, encode_images, encode_prompt,
+                     start_groups)
+from synthetic import synthetic_samples
+from tiny import (SPECIAL_TOKENS, TINY_BASE, TINY_MAX_PIXELS, TINY_MIN_PIXELS, build_tiny_tokenizer,
+                  write_prompt_fingerprint)
 
 
 @dataclass
@@ -139,7 +44,7 @@ class Config:
     num_images: int = opt(1200, "synthetic images; each gives `convs_per_image` conversations")
     convs_per_image: int = opt(2, "conversations per synthetic image")
     tool_fraction: float = opt(0.25, "share of conversations in the tool-call template (the rest MGPO)")
-    direct_fraction: float = opt(0.15, "images that also get a single-turn conversation (the GRPO baseline's)")
+    direct_fraction: float = opt(0.15, "images that also get a direct conversation (the direct baseline's: one turn)")
     box_sides: str = opt("42,56", "sides of the turn-1 boxes, global-view pixels (1.5-2x a frame)")
     box_grid: int = opt(14, "their positions are multiples of this (half a visual token)")
     global_max_pixels: int = opt(TINY_MAX_PIXELS, "224 x 224: 64 visual tokens, the pattern averages to grey")
@@ -394,7 +299,7 @@ def make_pointing_examples(cfg, tokenizer, image_processor, rng, tool=False):
 # Phase 2: the format conversations
 
 def direct_conversation(sample, tokenizer, image_processor, rng, cfg):
-    """The single-turn format of rollout.direct_rollout, answered with a random option: the global view alone does
+    """The one-turn format of rollout.direct_rollout, answered with a random option: the global view alone does
     not show the pattern. Single-turn GRPO, the paper's baseline, starts from this."""
     text = DIRECT_PROMPT.format(question=sample.question, choices=format_choices(sample.options))
     (traj,), _ = start_groups([sample], tokenizer, image_processor, 1, cfg, DIRECT_SYSTEM, lambda s: text)
@@ -438,7 +343,7 @@ def make_conversations(cfg, tokenizer, image_processor, rng):
                                                      choices=format_choices(sample.options))
                 parts = [MGPO_PROMPTS.crop_intro, crop, question]
             append_user_turn(traj, tokenizer, image_processor, parts)
-            # the answer is the option's text, which the rewards accept (rewards.extract_choice): naming what the crop
+            # the answer is the option's text, which the rewards accept (answers.extract_choice): naming what the crop
             # shows needs no lookup of the shuffled letter, which the tiny model did not learn in 400 steps
             turn2 = (tool_turn2_ids if tool else mgpo_turn2_ids)(tokenizer, pattern_in(traj, box, rng))
             append_sampled(traj, turn2, [0.0] * len(turn2), tokenizer)
@@ -564,6 +469,7 @@ def make_base(cfg, log=print):
         cfg.readout_steps, cfg.batch_size, cfg.readout_learning_rate, log, name="readout ")
     log(f"phase 4: {reads()}")
     save_policy(model, tokenizer, image_processor, cfg.output_dir)
+    write_prompt_fingerprint(cfg.output_dir)  # tiny.resolve_model_path checks it against the prompts of the day
     log(f"saved {cfg.output_dir}")
     return cfg.output_dir
 

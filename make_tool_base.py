@@ -24,7 +24,7 @@ import torch
 import make_base
 from config import opt, parse_config
 from model import load_policy, save_policy
-from tiny import TINY_BASE, TINY_MIN_PIXELS, TINY_TOOL_BASE
+from tiny import TINY_BASE, TINY_MIN_PIXELS, TINY_TOOL_BASE, check_prompt_fingerprint, write_prompt_fingerprint
 
 
 @dataclass
@@ -42,6 +42,7 @@ class Config:
 
 
 def make_tool_base(cfg, log=print):
+    check_prompt_fingerprint(cfg.base, "make_base.py")  # a stale tiny-base would hand on its stale tokenizer
     torch.manual_seed(cfg.seed)
     sft_cfg = replace(make_base.Config(), tool_fraction=1.0, direct_fraction=0.0, num_images=cfg.num_images,
                       data_seed=cfg.data_seed, warmup_steps=cfg.warmup_steps)
@@ -52,6 +53,7 @@ def make_tool_base(cfg, log=print):
     make_base.sft(sft_cfg, model.requires_grad_(True), tokenizer, image_processor, convs, random.Random(cfg.seed + 6),
                   cfg.steps, cfg.batch_size, cfg.learning_rate, log, name="tool template ")
     save_policy(model, tokenizer, image_processor, cfg.output_dir)
+    write_prompt_fingerprint(cfg.output_dir)
     log(f"saved {cfg.output_dir}")
     return cfg.output_dir
 

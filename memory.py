@@ -119,7 +119,7 @@ def trajectory_calls(cfg, text_tokens=(PROMPT_TEXT_TOKENS, TURN_TEXT_TOKENS)):
 
 def predict(cfg, model_config, world_size, as_of="after", dtype_bytes=2,
             text_tokens=(PROMPT_TEXT_TOKENS, TURN_TEXT_TOKENS)):
-    """{phase: {line: bytes}} per GPU for one step of `cfg` (a loop.TrainConfig of either recipe).
+    """{phase: {line: bytes}} per GPU for one step of `cfg` (a config.TrainConfig of either recipe).
 
     as_of="before": the code before issue 22 (all of a rank's trajectories in one generate call on the sharded model,
     unsharded gradient accumulation, no activation checkpointing); "after": chunked rollouts with the weights

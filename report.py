@@ -10,12 +10,13 @@ last (eval.py's protocol and metrics), as a table, plus the curves of metrics.js
 
 import json
 import os
-from types import SimpleNamespace
+from dataclasses import replace
 
-from data import read_benchmark, synthetic_samples
+from benchmarks import read_benchmark
 from eval import HELD_OUT_SEED, answer_all, gather, metrics
 from model import gathered
 from pictures import draw_curves, save_picture
+from synthetic import synthetic_samples
 
 # (metrics key, column title) of the table; eval.metrics computes every one of them
 COLUMNS = [("accuracy", "accuracy"), ("crop_iou", "IoU"), ("crop_coverage", "coverage"),
@@ -27,35 +28,22 @@ def held_out_questions(cfg):
     """The synthetic held-out split (a seed no training run uses) or the --eval_data benchmark."""
     if cfg.eval_data:
         return read_benchmark(cfg.eval_data)[:cfg.eval_samples]
-    return synthetic_samples(cfg.eval_samples, HELD_OUT_SEED)  # loop.check_config: --data is synthetic
-
-
-def eval_options(cfg, mode):
-    """eval.py's options for this run's decoding budgets: greedy, no probe."""
-    return SimpleNamespace(mode=mode, batch_size=cfg.eval_batch_size, rollout_batch_size=cfg.rollout_batch_size,
-                           min_box_side=cfg.min_box_side,
-                           save_vis=cfg.eval_pictures, probe="none",
-                           temperature=1.0, do_sample=False, min_pixels=cfg.min_pixels,
-                           global_max_pixels=cfg.global_max_pixels, crop_max_pixels=cfg.crop_max_pixels,
-                           max_new_tokens=cfg.max_new_tokens_turn2 if mode == "direct" else 0,
-                           max_new_tokens_turn1=getattr(cfg, "max_new_tokens_turn1", 0),
-                           max_new_tokens_turn2=getattr(cfg, "max_new_tokens_turn2", 0),
-                           max_turns=getattr(cfg, "max_turns", 0),
-                           max_response_tokens=getattr(cfg, "max_response_tokens", 0),
-                           max_new_tokens_per_turn=getattr(cfg, "max_new_tokens_per_turn", 0))
+    return synthetic_samples(cfg.eval_samples, HELD_OUT_SEED)  # config.check_config: --data is synthetic
 
 
 def held_out(ctx, cfg, mode, when):
-    """Metrics of the current policy on the held-out questions, saved as held_out_{when}.json. Every rank answers
-    its strided share in equally many batches, whatever the number of questions (`eval.rank_share`): the sharded
-    model's generate is collective."""
-    options = eval_options(cfg, mode)
+    """Metrics of the current policy on the held-out questions (eval.py's `mode`), saved as held_out_{when}.json:
+    the run's rollout options (ctx.rollout) decoded greedily, without a probe; a direct answer gets the answer
+    turn's budget (max_new_tokens_turn2). Every rank answers its strided share in equally many batches, whatever
+    the number of questions (`eval.rank_share`): the sharded model's generate is collective."""
+    rcfg = replace(ctx.rollout, temperature=1.0, do_sample=False, probe="none",
+                   max_new_tokens=ctx.rollout.max_new_tokens_turn2 if mode == "direct" else 0)
     questions = held_out_questions(cfg)
     vis_dir = os.path.join(cfg.output_dir, "pictures", when)
     ctx.model.eval()
     with gathered(ctx.model):  # the weights all-gathered once, not at every decoded token
-        records = gather(answer_all((ctx.model, ctx.tokenizer, ctx.image_processor), questions, options, ctx.rank,
-                                    ctx.world_size, vis_dir))
+        records = gather(answer_all((ctx.model, ctx.tokenizer, ctx.image_processor), questions, mode, rcfg,
+                                    cfg.eval_batch_size, ctx.rank, ctx.world_size, vis_dir, cfg.eval_pictures))
     result = metrics(records)
     if ctx.rank == 0:
         with open(os.path.join(cfg.output_dir, f"held_out_{when}.json"), "w") as f:
@@ -102,6 +90,14 @@ def write_report(cfg, before, after, last_step, title):
         f.write(f"# {title}\n\n{text}\n")
     write_curves(cfg.output_dir, title)
     print(text)
+
+
+def report_after(ctx, cfg, mode, title):
+    """The held-out metrics after the last step, and on rank 0 report.md with the "before" ones (held_out_before.json,
+    kept across resumes) and curves.png."""
+    after = held_out(ctx, cfg, mode, "after")
+    if ctx.rank == 0:
+        write_report(cfg, load_before(cfg.output_dir), after, cfg.max_steps, title)
 
 
 def load_before(output_dir):

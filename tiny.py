@@ -5,6 +5,8 @@ It is written to disk as an ordinary checkpoint directory and loaded back by `mo
 `from_pretrained` path a real checkpoint takes, so tests and the CPU demo exercise the real loading code.
 """
 
+import hashlib
+import json
 import os
 
 import torch
@@ -13,8 +15,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from data import format_choices, synthetic_samples
-from rollout import MGPO_PROMPTS, TOOL_PROMPTS
+from data import format_choices
+from prompts import DIRECT_PROMPT, DIRECT_SYSTEM, MGPO_PROMPTS, TOOL_PROMPTS
+from synthetic import synthetic_samples
 
 # Qwen2.5's added tokens, in Qwen's order, so that the tiny model's prompts look exactly like a real model's.
 SPECIAL_TOKENS = [
@@ -52,6 +55,7 @@ TINY_TOOL_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "check
 # the demo scripts accept sides over 27 (MGPO's rule, > 28, would make the base's tight boxes invalid).
 DEMO_MIN_BOX_SIDE = 27
 COMMITTED = {"tiny-base": (TINY_BASE, "make_base.py"), "tiny-tool-base": (TINY_TOOL_BASE, "make_tool_base.py")}
+FINGERPRINT_FILE = "prompt_fingerprint.json"  # beside a base: the sha256 of each text it was built from
 
 
 def tokenizer_corpus():
@@ -75,7 +79,8 @@ def build_tiny_tokenizer():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(tokenizer_corpus(), trainer)
     tok.add_special_tokens(SPECIAL_TOKENS[:-2])
-    tok.add_tokens(SPECIAL_TOKENS[-2:])  # <tool_call>, </tool_call>: added but not special in Qwen, so decoding keeps them
+    # <tool_call>, </tool_call>: added but not special in Qwen, so decoding keeps them
+    tok.add_tokens(SPECIAL_TOKENS[-2:])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    chat_template=CHAT_TEMPLATE)
 
@@ -109,6 +114,7 @@ def resolve_model_path(name, workdir):
         path, script = COMMITTED[name]
         if not os.path.exists(os.path.join(path, "config.json")):
             raise SystemExit(f"error: --model {name}: no checkpoint at {path}; rebuild it with `python {script}`")
+        check_prompt_fingerprint(path, script)
         return path
     if name != "tiny":
         return name
@@ -121,3 +127,45 @@ def resolve_model_path(name, workdir):
     return path
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The guard between the prompt strings and the committed bases: the bases' tokenizer is trained on
+# tokenizer_corpus() and their weights on conversations in the prompts, so editing one string invalidates them.
+
+
+def base_texts():
+    """Every text a demo base is built from, by name: each prompt string, and the tokenizer corpus as a whole
+    (which also holds the synthetic question, the option names and the box formats)."""
+    groups = {"MGPO_PROMPTS": MGPO_PROMPTS, "TOOL_PROMPTS": TOOL_PROMPTS}
+    texts = {f"{group}.{key}": text for group, prompts in groups.items() for key, text in vars(prompts).items()}
+    return texts | {"DIRECT_SYSTEM": DIRECT_SYSTEM, "DIRECT_PROMPT": DIRECT_PROMPT,
+                    "tokenizer_corpus": "\n".join(tokenizer_corpus())}
+
+
+def prompt_fingerprint():
+    """The sha256 of each of base_texts(): {"DIRECT_PROMPT": "5e1f...", ..., "tokenizer_corpus": "..."}."""
+    return {name: hashlib.sha256(text.encode("utf-8")).hexdigest() for name, text in base_texts().items()}
+
+
+def write_prompt_fingerprint(path):
+    """Store today's prompt_fingerprint() beside the base just saved at `path` (make_base.py, make_tool_base.py)."""
+    with open(os.path.join(path, FINGERPRINT_FILE), "w", encoding="utf-8") as f:
+        json.dump(prompt_fingerprint(), f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+def check_prompt_fingerprint(path, script):
+    """Stop when today's prompt strings are not those the base at `path` was built from, naming the texts that
+    changed and the two ways out: revert them, or rebuild the base with `script`."""
+    stored_file = os.path.join(path, FINGERPRINT_FILE)
+    if not os.path.exists(stored_file):
+        raise SystemExit(f"error: the base {path} has no {FINGERPRINT_FILE}, so nothing says which prompt strings "
+                         f"it was built from; rebuild it with `python {script}`")
+    with open(stored_file, encoding="utf-8") as f:
+        stored = json.load(f)
+    today = prompt_fingerprint()
+    changed = sorted(name for name in stored.keys() | today.keys() if stored.get(name) != today.get(name))
+    if changed:
+        raise SystemExit(
+            f"error: the prompt strings are not those the base {path} was built from (changed: {', '.join(changed)}). "
+            f"Its tokenizer was trained on those strings and its weights on conversations in them, so it no longer "
+            f"fits the code. Either revert the strings, or rebuild the base with `python {script}` and commit it.")

@@ -9,24 +9,32 @@ answer still differs from the full-resolution one (the information gap; cached i
 GRPO with reward 0.8*acc + 0.2*format + 1.2*tool. Stage 2 (learn to crop precisely): data with nested
 ground-truth boxes, the stage-1 reward plus `grounding_weight` * the grounding reward of one crop.
 
-Every choice the paper leaves open is a field of `Config` below, with its default and why.
+Every choice the paper leaves open is a field of `Config` below, with its default and why. The step loop is `train`
+at the bottom; training.py holds the setup and bookkeeping it calls.
 """
 
 import json
 import os
+import time
 from dataclasses import dataclass
 
 import torch.distributed as dist
 from transformers.utils import logging as hf_logging
 
-from config import opt, parse_config
-from crop import box_area_ratio, coverage, iou
-from loop import TrainConfig, load_training_samples, recipe_for, setup, train_loop
+from answers import extract_choice, normalize_answer, unboxed
+from checkpoint import save_checkpoint
+from config import TrainConfig, opt, parse_config, recipe_for
+from crop import box_metrics
+from grpo import group_advantages, grpo_update
+from model import gathered
+from report import held_out, report_after
 from resolution import UNCHANGED, apply_resolutions, format_report, level_report, select_resolutions
-from rewards import (COVERAGE_THRESHOLD, extract_choice, lfpc_format_reward, normalize_answer, score_crops,
-                     stage1_reward, tool_accuracy_reward, tool_bonus, unboxed)
+from rewards import (COVERAGE_THRESHOLD, crop_grounding, lfpc_format_reward, lfpc_stage1_reward, lfpc_stage2_reward,
+                     tool_accuracy_reward)
 from rollout import direct_answers, tool_rollout, visual_tokens
 from tiny import DEMO_MIN_BOX_SIDE
+from training import (batch_stream, count_nonfinite, finish, load_training_samples, log_step, open_metrics_log,
+                      save_due, setup, step_metrics, steps)
 
 STAGE_LEARNING_RATES = {1: 1e-6, 2: 5e-7}  # the paper's Table 12
 
@@ -58,6 +66,9 @@ class Config(TrainConfig):
     resolution_max_new_tokens: int = opt(16, "greedy direct answers are an option letter or a short phrase")
     info_gap_stage2: bool = opt(False, "the paper's stage 2 data has no resolution selection")
 
+    def __post_init__(self):  # part of parsing: the config is never changed afterwards
+        self.learning_rate = self.learning_rate or STAGE_LEARNING_RATES.get(self.stage, 0.0)
+
 
 def extra_checks(cfg):
     return [
@@ -84,7 +95,7 @@ def normalised_answer(text, sample):
 def information_gap(ctx, cfg, samples):
     """Offline resolution selection (cached, resumable, sharded): samples with their `global_size` set."""
     def answer_fn(items):
-        texts = direct_answers(ctx.model, ctx.tokenizer, ctx.image_processor, items, cfg,
+        texts = direct_answers(ctx.model, ctx.tokenizer, ctx.image_processor, items, ctx.rollout,
                                cfg.resolution_max_new_tokens)
         return [normalised_answer(text, sample) for text, (sample, _) in zip(texts, items)]
 
@@ -100,35 +111,34 @@ def information_gap(ctx, cfg, samples):
     return apply_resolutions(samples, records)
 
 
-def lfpc_reward(traj, cfg):
-    """(reward, parts) of one episode: the stage-1 combination, plus the grounding reward in stage 2."""
+REWARDS = {1: lfpc_stage1_reward, 2: lfpc_stage2_reward}  # rewards.py: reward(traj, cfg) -> float
+
+
+def reward_parts(traj, cfg):
+    """What the metrics show of one episode's reward: its accuracy and format, and in stage 2 its grounding."""
     s = traj.sample
-    acc = tool_accuracy_reward(traj.texts[-1], s.answer, s.options)
-    fmt = lfpc_format_reward(traj.texts, cfg.max_answer_chars)
-    reward = stage1_reward(acc, fmt, tool_bonus(acc > 0, len(traj.crop_boxes)), cfg.acc_weight, cfg.format_weight,
-                           cfg.tool_weight)
-    parts = {"accuracy": acc, "format_ok": float(fmt == 0)}
+    parts = {"accuracy": tool_accuracy_reward(traj.texts[-1], s.answer, s.options),
+             "format_ok": float(lfpc_format_reward(traj.texts, cfg.max_answer_chars) == 0)}
     if cfg.stage == 2:
-        g = score_crops(traj.crop_boxes, s.boxes, traj.original_size, cfg.iou_weight, cfg.coverage_threshold,
-                        cfg.grounding_crop)
-        reward += cfg.grounding_weight * g["r_geo"]
-        parts.update({f"grounding_{k}": v for k, v in g.items()})
-    return reward, parts
+        parts.update({f"grounding_{k}": v for k, v in crop_grounding(traj, cfg).items()})
+    return parts
 
 
-def lfpc_metrics(trajs, parts):
-    """{name: (sum, count)} over this rank's episodes; crop metrics over all crops made."""
+def lfpc_metrics(trajs, cfg):
+    """{name: (sum, count)} over this rank's episodes; crop metrics over all crops made, each against its
+    best-matching ground-truth box (crop.box_metrics)."""
     n = len(trajs)
-    crops = [(t, box) for t in trajs for box in t.crop_boxes]
-    with_gt = [(t, box) for t, box in crops if t.sample.boxes]
+    parts = [reward_parts(t, cfg) for t in trajs]
+    crops = [(t, box_metrics(box, t.sample.boxes, t.original_size)) for t in trajs for box in t.crop_boxes]
+    with_gt = [m for t, m in crops if t.sample.boxes]
     out = {name: (sum(p[name] for p in parts), n) for name in parts[0]}
     out.update({
         "tool_calls": (sum(t.tool_calls for t in trajs), n),
         "valid_crops": (len(crops), n),
         "answered": (sum(t.end_reason == "answer" for t in trajs), n),
-        "crop_iou": (sum(iou(box, t.sample.boxes[0]) for t, box in with_gt), len(with_gt)),
-        "crop_coverage": (sum(coverage(box, t.sample.boxes[0]) for t, box in with_gt), len(with_gt)),
-        "crop_area_ratio": (sum(box_area_ratio(box, t.original_size) for t, box in crops), len(crops)),
+        "crop_iou": (sum(m[0] for m in with_gt), len(with_gt)),
+        "crop_coverage": (sum(m[1] for m in with_gt), len(with_gt)),
+        "crop_area_ratio": (sum(m[2] for _, m in crops), len(crops)),
         "visual_tokens": (sum(visual_tokens(t) for t in trajs), n),
         "crop_visual_tokens": (sum(visual_tokens(t) - int(t.image_grid_thw[0].prod()) // 4 for t in trajs), n),
         "response_tokens": (sum(sum(t.loss_mask) for t in trajs), n),
@@ -136,14 +146,7 @@ def lfpc_metrics(trajs, parts):
     return out
 
 
-def lfpc_step(ctx, cfg, prompts):
-    trajs = tool_rollout(ctx.model, ctx.tokenizer, ctx.image_processor, prompts, cfg.num_generations, cfg)
-    scored = [lfpc_reward(t, cfg) for t in trajs]
-    return trajs, [r for r, _ in scored], lfpc_metrics(trajs, [p for _, p in scored])
-
-
 def train(cfg):
-    cfg.learning_rate = cfg.learning_rate or STAGE_LEARNING_RATES.get(cfg.stage, 0.0)
     ctx = setup(cfg, extra_checks(cfg))
     samples = load_training_samples(cfg, ctx.rank)
     if cfg.stage == 2:
@@ -153,7 +156,30 @@ def train(cfg):
                              f"{len(missing)} have none (first: {missing[0]})")
     if cfg.stage == 1 or cfg.info_gap_stage2:
         samples = information_gap(ctx, cfg, samples)
-    train_loop(ctx, cfg, samples, lfpc_step, f"lfpc-{cfg.stage}", "tool")
+    stream = batch_stream(ctx, cfg, samples)
+    log = open_metrics_log(cfg, ctx)
+    if cfg.eval_samples and ctx.start_step == 0:
+        held_out(ctx, cfg, "tool", "before")
+    nonfinite = 0
+    for step in steps(ctx, cfg, f"lfpc stage {cfg.stage}"):
+        start = time.time()
+        ctx.model.eval()
+        with gathered(ctx.model):  # the weights all-gathered once, not at every decoded token
+            trajs = tool_rollout(ctx.model, ctx.tokenizer, ctx.image_processor, next(stream), cfg.num_generations,
+                                 ctx.rollout)
+        rewards = [REWARDS[cfg.stage](t, cfg) for t in trajs]
+        advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_by_std)
+        update_start = time.time()
+        stats = grpo_update(ctx.model, ctx.optimizer, trajs, advantages, ctx.tokenizer, cfg, ctx.device, ctx.dtype,
+                            ctx.ref_model)
+        metrics = step_metrics(cfg, trajs, rewards, stats, lfpc_metrics(trajs, cfg), start, update_start)
+        log_step(log, step, metrics)
+        nonfinite = count_nonfinite(cfg, metrics, nonfinite)
+        if save_due(cfg, step):
+            save_checkpoint(ctx, cfg, step)
+    if cfg.eval_samples:
+        report_after(ctx, cfg, "tool", f"lfpc stage {cfg.stage} on {cfg.data}")
+    finish()
 
 
 if __name__ == "__main__":

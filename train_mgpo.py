@@ -2,20 +2,28 @@
 
     python train_mgpo.py                                   # tiny model, synthetic task, CPU
     torchrun --nproc_per_node 8 train_mgpo.py --model /path/to/Qwen2.5-VL-7B-Instruct --data train.jsonl
+    python train_mgpo.py --direct true                     # the baseline: GRPO on direct answers, no box, no crop
 
-Every option is a field of `Config` below or of `loop.TrainConfig` (`--help` lists them all with their defaults).
+Every option is a field of `Config` below or of `config.TrainConfig` (`--help` lists them all with their defaults).
+The step loop is `train` at the bottom; training.py holds the setup and bookkeeping it calls.
 """
 
+import time
 from dataclasses import dataclass
 
 from transformers.utils import logging as hf_logging
 
-from config import opt, parse_config
-from crop import box_area_ratio, coverage, iou
-from loop import TrainConfig, load_training_samples, recipe_for, setup, train_loop
-from rewards import accuracy_reward, mgpo_format_ok
+from checkpoint import save_checkpoint
+from config import TrainConfig, opt, parse_config, recipe_for
+from crop import box_metrics
+from grpo import group_advantages, grpo_update
+from model import gathered
+from report import held_out, report_after
+from rewards import mgpo_format_ok, mgpo_reward
 from rollout import direct_rollout, mgpo_rollout
 from tiny import COMMITTED, DEMO_MIN_BOX_SIDE
+from training import (batch_stream, count_nonfinite, finish, load_training_samples, log_step, open_metrics_log,
+                      save_due, setup, step_metrics, steps)
 
 
 @dataclass
@@ -34,53 +42,69 @@ class Config(TrainConfig):
     max_new_tokens_turn1: int = opt(64, "the box turn (the tiny base writes 40-58 tokens)")
     max_new_tokens_turn2: int = opt(16, "the answer turn")
     min_box_side: int = opt(DEMO_MIN_BOX_SIDE, "the demo's (tiny.py says why); real runs use MGPO's 28 (recipes)")
-    single_turn: bool = opt(False, "the GRPO baseline: answer from the global view, no box and no crop")
+    direct: bool = opt(False, "the baseline: GRPO on direct answers from the global view, no box and no crop")
 
 
 def mgpo_metrics(trajs, rewards):
     """{name: (sum, count)} over this rank's trajectories. An invalid box scores IoU and coverage 0, so their means
-    show grounding and box validity together."""
+    show grounding and box validity together; IoU and coverage are against the best-matching ground-truth box
+    (crop.box_metrics)."""
     valid = [t for t in trajs if t.box_valid]
-    with_gt = [t for t in trajs if t.sample.boxes]
+    scored = [box_metrics(t.box_original, t.sample.boxes, t.original_size) for t in valid]
+    grounded = [m for m in scored if m[0] is not None]  # valid boxes of samples with ground-truth boxes
+    with_gt = sum(bool(t.sample.boxes) for t in trajs)
     return {
         "accuracy": (sum(r > 0 for r in rewards), len(trajs)),
         "format_ok": (sum(mgpo_format_ok(*t.texts[:2]) for t in trajs), len(trajs)),
         "valid_box_ratio": (len(valid), len(trajs)),
-        "iou": (sum(iou(t.box_original, t.sample.boxes[0]) for t in with_gt if t.box_valid), len(with_gt)),
-        "coverage": (sum(coverage(t.box_original, t.sample.boxes[0]) for t in with_gt if t.box_valid), len(with_gt)),
-        "box_area_ratio": (sum(box_area_ratio(t.box_original, t.original_size) for t in valid), len(valid)),
+        "iou": (sum(m[0] for m in grounded), with_gt),
+        "coverage": (sum(m[1] for m in grounded), with_gt),
+        "box_area_ratio": (sum(m[2] for m in scored), len(valid)),
         "response_tokens": (sum(sum(t.loss_mask) for t in trajs), len(trajs)),
     }
 
 
-def single_turn_metrics(trajs, rewards):
+def direct_metrics(trajs, rewards):
     return {"accuracy": (sum(r > 0 for r in rewards), len(trajs)),
             "response_tokens": (sum(sum(t.loss_mask) for t in trajs), len(trajs))}
 
 
-def single_turn_step(ctx, cfg, prompts):
-    """The paper's GRPO baseline: the same reward, answered from the global view alone (no box, no crop)."""
-    trajs = direct_rollout(ctx.model, ctx.tokenizer, ctx.image_processor, prompts, cfg.num_generations, cfg,
-                           cfg.max_new_tokens_turn2, do_sample=True)
-    rewards = [accuracy_reward(t.texts[-1], t.sample.answer, t.sample.options) for t in trajs]
-    return trajs, rewards, single_turn_metrics(trajs, rewards)
-
-
-def mgpo_step(ctx, cfg, prompts):
-    trajs = mgpo_rollout(ctx.model, ctx.tokenizer, ctx.image_processor, prompts, cfg.num_generations, cfg)
-    rewards = [accuracy_reward(t.texts[-1], t.sample.answer, t.sample.options) for t in trajs]
-    return trajs, rewards, mgpo_metrics(trajs, rewards)
+def rollout(ctx, cfg, prompts):
+    """MGPO's two turns, or with --direct the baseline's one answer from the global view (no box, no crop)."""
+    if cfg.direct:
+        return direct_rollout(ctx.model, ctx.tokenizer, ctx.image_processor, prompts, cfg.num_generations,
+                              ctx.rollout, cfg.max_new_tokens_turn2, do_sample=True)
+    return mgpo_rollout(ctx.model, ctx.tokenizer, ctx.image_processor, prompts, cfg.num_generations, ctx.rollout)
 
 
 def train(cfg):
     if cfg.model != "tiny" and cfg.model not in COMMITTED and cfg.learning_rate > 1e-5:
         print(f"note: --learning_rate {cfg.learning_rate:g} is the tiny demo's; MGPO used 1e-6 for Qwen2.5-VL-7B")
     ctx = setup(cfg)
-    samples = load_training_samples(cfg, ctx.rank)
-    if cfg.single_turn:
-        train_loop(ctx, cfg, samples, single_turn_step, "single-turn grpo", "direct")
-    else:
-        train_loop(ctx, cfg, samples, mgpo_step, "mgpo", "mgpo")
+    mode, metrics_fn = ("direct", direct_metrics) if cfg.direct else ("mgpo", mgpo_metrics)  # eval.py's modes
+    stream = batch_stream(ctx, cfg, load_training_samples(cfg, ctx.rank))
+    log = open_metrics_log(cfg, ctx)
+    if cfg.eval_samples and ctx.start_step == 0:
+        held_out(ctx, cfg, mode, "before")
+    nonfinite = 0
+    for step in steps(ctx, cfg, mode):
+        start = time.time()
+        ctx.model.eval()
+        with gathered(ctx.model):  # the weights all-gathered once, not at every decoded token
+            trajs = rollout(ctx, cfg, next(stream))
+        rewards = [mgpo_reward(t, cfg) for t in trajs]  # the direct baseline's too
+        advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_by_std)
+        update_start = time.time()
+        stats = grpo_update(ctx.model, ctx.optimizer, trajs, advantages, ctx.tokenizer, cfg, ctx.device, ctx.dtype,
+                            ctx.ref_model)
+        metrics = step_metrics(cfg, trajs, rewards, stats, metrics_fn(trajs, rewards), start, update_start)
+        log_step(log, step, metrics)
+        nonfinite = count_nonfinite(cfg, metrics, nonfinite)
+        if save_due(cfg, step):
+            save_checkpoint(ctx, cfg, step)
+    if cfg.eval_samples:
+        report_after(ctx, cfg, mode, f"{mode} on {cfg.data}")
+    finish()
 
 
 if __name__ == "__main__":

@@ -16,12 +16,12 @@ import torch
 import torch.distributed as dist
 
 import rollout
-from data import synthetic_samples
 from model import load_policy, shard_model
+from synthetic import synthetic_samples
 
 CFG = SimpleNamespace(global_max_pixels=112 * 112, crop_max_pixels=56 * 56, min_pixels=784, temperature=1.0,
                       max_new_tokens_turn1=6, max_new_tokens_turn2=3, max_turns=3, max_response_tokens=40,
-                      max_new_tokens_per_turn=3, rollout_batch_size=4, min_box_side=28)
+                      max_new_tokens_per_turn=3, rollout_batch_size=4, min_box_side=28, do_sample=True, probe="none")
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "barrier")
 
 

@@ -14,12 +14,13 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
+import generation
 import rollout
-from data import synthetic_samples
 from model import load_policy, shard_model
+from synthetic import synthetic_samples
 
 
-class StopEarlyOnRankZero(rollout.StopAtPattern):
+class StopEarlyOnRankZero(generation.StopAtPattern):
     def __call__(self, input_ids, scores, **kwargs):
         if dist.get_rank() == 0 and input_ids.shape[1] - self.prompt_len >= 2:
             for row in range(input_ids.shape[0]):
@@ -29,22 +30,22 @@ class StopEarlyOnRankZero(rollout.StopAtPattern):
 
 def main(tiny_dir):
     dist.init_process_group("gloo")
-    rollout.StopAtPattern = StopEarlyOnRankZero
+    generation.StopAtPattern = StopEarlyOnRankZero
     model, tokenizer, image_processor = load_policy(tiny_dir, torch.device("cpu"), torch.float32)
     model = shard_model(model, torch.float32)
     sample = synthetic_samples(1, seed=dist.get_rank())[0]
     traj, _ = rollout.start_trajectory(sample, tokenizer, image_processor, "system", "question", 112 * 112, 784)
     trajs = [rollout.fork(traj) for _ in range(2)]
-    outs, turn = rollout.generate_turn(model, tokenizer, rollout.prompt_batch(model, tokenizer, trajs),
-                                       max_new_tokens=12, stop_pattern=rollout.JSON_BLOCK_END)
+    outs, turn = generation.generate_turn(model, tokenizer, generation.prompt_batch(model, tokenizer, trajs),
+                                       max_new_tokens=12, stop_pattern=generation.JSON_BLOCK_END)
     print(f"rank {dist.get_rank()} lengths {[len(ids) for ids, _ in outs]}", flush=True)
     fits = turn.past_key_values.get_seq_length() == turn.sequences.shape[1] - 1
     print(f"rank {dist.get_rank()} cache fits sequences {fits}", flush=True)
     for t, (sampled, logprobs) in zip(trajs, outs):
         rollout.append_sampled(t, sampled, logprobs, tokenizer)
         rollout.append_user_turn(t, tokenizer, image_processor, ["again:", t.images[0]])
-    outs, _ = rollout.generate_for(model, tokenizer, trajs, 4 + 4 * dist.get_rank(), SimpleNamespace(temperature=1.0),
-                                   after=turn)
+    outs, _ = rollout.generate_for(model, tokenizer, trajs, 4 + 4 * dist.get_rank(),
+                                   SimpleNamespace(temperature=1.0, do_sample=True), after=turn)
     print(f"rank {dist.get_rank()} second turn lengths {[len(ids) for ids, _ in outs]}", flush=True)
     dist.barrier()  # teardown together: gloo aborted rank 0 once when it left before rank 1 (CI, 2 cores)
     dist.destroy_process_group()

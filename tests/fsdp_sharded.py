@@ -19,9 +19,10 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from transformers import Qwen2_5_VLForConditionalGeneration
 
+import generation
 import rollout
-from data import synthetic_samples
 from model import full_state_dict, gathered, load_policy
+from synthetic import synthetic_samples
 from tests.fsdp_generate import StopEarlyOnRankZero
 
 ALL_GATHERS = {"n": 0}
@@ -41,11 +42,11 @@ def differences(state, expected):
 def prompts(model, tokenizer, image_processor):
     sample = synthetic_samples(1, seed=dist.get_rank())[0]
     traj, _ = rollout.start_trajectory(sample, tokenizer, image_processor, "system", "question", 112 * 112, 784)
-    return rollout.prompt_batch(model, tokenizer, [rollout.fork(traj) for _ in range(2)])
+    return generation.prompt_batch(model, tokenizer, [rollout.fork(traj) for _ in range(2)])
 
 
 def greedy(model, tokenizer, batch, max_new_tokens=12):
-    outs, _ = rollout.generate_turn(model, tokenizer, batch, max_new_tokens, stop_pattern=rollout.JSON_BLOCK_END,
+    outs, _ = generation.generate_turn(model, tokenizer, batch, max_new_tokens, stop_pattern=generation.JSON_BLOCK_END,
                                     do_sample=False)
     return [ids for ids, _ in outs]
 
@@ -91,7 +92,7 @@ def main(tiny_dir):
     dist.all_gather_single = counting_all_gather  # FSDP2 calls it through the module: count every call
     _, _, _, reference = check_load(tiny_dir, torch.bfloat16, frozen=True)
     model, tokenizer, image_processor, policy = check_load(tiny_dir, torch.float32, frozen=False)
-    rollout.StopAtPattern = StopEarlyOnRankZero
+    generation.StopAtPattern = StopEarlyOnRankZero
     batch = prompts(model, tokenizer, image_processor)
     with torch.no_grad():
         before = model(**batch).logits

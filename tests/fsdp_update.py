@@ -1,6 +1,6 @@
 """GRPO updates under torchrun with FSDP2 on CPU (gloo); rank 0 writes the updated full state dicts.
 
-    torchrun --nproc_per_node 2 tests/fsdp_update.py TINY_DIR BATCH.pt OUT_DIR
+    torchrun --nproc_per_node 2 tests/fsdp_update.py TINY_DIR BATCH.pt OUT_DIR [MAX_TOKENS]
 
 Each rank takes its contiguous share of the batch's trajectories (whole groups), as train_mgpo.py does, and runs
 the same update twice from the loaded weights: plain (OUT_DIR/plain.safetensors) and with activation checkpointing
@@ -10,6 +10,10 @@ the same update twice from the loaded weights: plain (OUT_DIR/plain.safetensors)
     rank 0 without gradient sync: sharded 0, unsharded 82468
     rank 0 mlp forwards per micro-batch, plain: decoder 1.0 vision 1.0
     rank 0 mlp forwards per micro-batch, checkpointed: decoder 2.0 vision 2.0
+
+With MAX_TOKENS it runs the BUDGET_RUNS updates instead, micro-batches packed by length within MAX_TOKENS padded
+tokens (OUT_DIR/budget-token_mean.safetensors, OUT_DIR/budget-seq_mean.safetensors), and prints
+`rank 0 budget-token_mean packed 1 passes 2`: micro-batches packed, forward/backward passes run per epoch.
 
 Run by tests/test_fsdp.py, which compares the weights with a single-process update on the whole batch.
 """
@@ -27,12 +31,15 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoder
 import grpo
 from grpo import accumulate, grpo_update
 from model import full_state_dict, load_policy, shard_model
-from rollout import forbidden_token_ids
+from generation import forbidden_token_ids
 
-UPDATE = dict(mini_batch_size=4, micro_batch_size=2, ppo_epochs=1, clip_eps_low=0.2, clip_eps_high=0.2,
-              clip_ratio_c=3.0, kl_coef=0.0, kl_clamp=10.0, tis_cap=0.0, loss_agg="token_mean", max_grad_norm=1.0,
-              temperature=1.0, gradient_checkpointing=False)
+UPDATE = dict(mini_batch_size=4, micro_batch_size=2, max_tokens_per_micro_batch=0, ppo_epochs=1,
+              clip_eps_low=0.2, clip_eps_high=0.2, clip_ratio_c=3.0, kl_coef=0.0, kl_clamp=10.0, tis_cap=0.0,
+              loss_agg="token_mean", max_grad_norm=1.0, temperature=1.0, gradient_checkpointing=False)
 LEARNING_RATE = 1.0
+# the token-budget runs: one step (token-mean), and two epochs (old log-probs from no-grad forwards) of seq-mean
+BUDGET_RUNS = {"budget-token_mean": dict(loss_agg="token_mean"),
+               "budget-seq_mean": dict(loss_agg="seq_mean", ppo_epochs=2)}
 LAYERS = {"decoder": Qwen2_5_VLDecoderLayer, "vision": Qwen2_5_VLVisionBlock}
 
 
@@ -107,8 +114,8 @@ def measure_gradients(tiny_dir, trajs, adv, rank):
           f"unsharded {unsharded} (parameters {params})")
     seen.clear()
     model.set_requires_gradient_sync(False)
-    accumulate(model, trajs, adv, None, None, [0, 1], tokenizer, SimpleNamespace(**UPDATE), torch.device("cpu"),
-               torch.float32, forbidden_token_ids(tokenizer))
+    accumulate(model, trajs, adv, None, None, [[0, 1], [2, 3]], tokenizer, SimpleNamespace(**UPDATE),
+               torch.device("cpu"), torch.float32, forbidden_token_ids(tokenizer))
     grpo.sequence_logprobs = forward
     sharded, unsharded, _ = seen[1]
     print(f"rank {rank} without gradient sync: sharded {sharded}, unsharded {unsharded}")
@@ -128,22 +135,50 @@ def updated_state(tiny_dir, trajs, adv, rank, checkpointed):
     return full_state_dict(model)
 
 
-def main(tiny_dir, batch_file, out_dir):
+def budget_states(tiny_dir, trajs, adv, rank, max_tokens):
+    """{name: full state dict} of updates with micro-batches by token budget, one per BUDGET_RUNS entry; prints
+    this rank's packed micro-batches and the passes (forwards with gradient) it ran, e.g.
+    `rank 0 packed 1 passes 2` when the other rank packed 2."""
+    states = {}
+    for name, overrides in BUDGET_RUNS.items():
+        model, tokenizer = sharded_policy(tiny_dir)
+        cfg = SimpleNamespace(**{**UPDATE, **overrides, "max_tokens_per_micro_batch": max_tokens})
+        passes = [0]
+        forward = grpo.sequence_logprobs
+
+        def counted(*args, **kwargs):
+            passes[0] += torch.is_grad_enabled()
+            return forward(*args, **kwargs)
+
+        grpo.sequence_logprobs = counted
+        grpo_update(model, make_optimizer(model.parameters()), trajs, adv, tokenizer, cfg, torch.device("cpu"),
+                    torch.float32)
+        grpo.sequence_logprobs = forward
+        [packed] = grpo.micro_batches([len(t.input_ids) for t in trajs], cfg.mini_batch_size, 1, max_tokens)
+        print(f"rank {rank} {name} packed {len(packed)} passes {passes[0] // cfg.ppo_epochs}", flush=True)
+        states[name] = full_state_dict(model)
+    return states
+
+
+def main(tiny_dir, batch_file, out_dir, max_tokens=None):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     batch = torch.load(batch_file, weights_only=True)
     trajs, adv = trajectories(batch), batch["advantages"]
     share = len(trajs) // world
     mine = slice(rank * share, (rank + 1) * share)
-    measure_gradients(tiny_dir, trajs[mine], adv[mine], rank)
-    for checkpointed in (False, True):
-        state = updated_state(tiny_dir, trajs[mine], adv[mine], rank, checkpointed)
-        if rank == 0:
-            name = "checkpointed" if checkpointed else "plain"
+    if max_tokens is None:
+        measure_gradients(tiny_dir, trajs[mine], adv[mine], rank)
+        states = {"checkpointed" if checkpointed else "plain":
+                  updated_state(tiny_dir, trajs[mine], adv[mine], rank, checkpointed) for checkpointed in (False, True)}
+    else:
+        states = budget_states(tiny_dir, trajs[mine], adv[mine], rank, int(max_tokens))
+    if rank == 0:
+        for name, state in states.items():
             save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out_dir, f"{name}.safetensors"))
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

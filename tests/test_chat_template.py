@@ -25,10 +25,12 @@ import torch
 from PIL import Image
 
 import rollout
-from data import format_choices, synthetic_samples
+from data import format_choices
 from model import load_policy
-from rollout import (MGPO_PROMPTS, TOOL_PROMPTS, ZOOM_TOOL, append_sampled, apply_turn1_box, close_assistant_turn,
-                     expand_image_pads, mgpo_rollout, start_trajectory, tool_rollout, tool_step)
+from prompts import MGPO_PROMPTS, TOOL_PROMPTS, ZOOM_TOOL
+from rollout import (append_sampled, apply_turn1_box, close_assistant_turn, expand_image_pads, mgpo_rollout,
+                     start_trajectory, tool_rollout, tool_step)
+from synthetic import synthetic_samples
 from tiny import TINY_BASE, TINY_TOOL_BASE
 
 QWEN25_VL_TEMPLATE = (
@@ -226,7 +228,7 @@ def test_tool_system_prompt_is_qwen25_tools_block(base):
 
 MGPO_CFG = SimpleNamespace(global_max_pixels=224 * 224, crop_max_pixels=224 * 224, min_pixels=28 * 28,
                            max_new_tokens_turn1=64, max_new_tokens_turn2=16, temperature=1.0,
-                           rollout_batch_size=0, min_box_side=28)
+                           rollout_batch_size=0, min_box_side=28, do_sample=True, probe="none")
 
 
 def scripted_mgpo(policy, turn1, turn2, seed):
@@ -272,7 +274,7 @@ def test_sampled_mgpo_conversations_are_the_official_rendering(base):
 
 TOOL_CFG = SimpleNamespace(global_max_pixels=224 * 224, crop_max_pixels=224 * 224, min_pixels=28 * 28, max_turns=3,
                            max_response_tokens=256, max_new_tokens_per_turn=96, temperature=1.0,
-                           rollout_batch_size=0, min_box_side=28)
+                           rollout_batch_size=0, min_box_side=28, do_sample=True, probe="none")
 
 
 def tool_messages(traj, user_turns):

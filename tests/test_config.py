@@ -9,8 +9,7 @@ import pytest
 import eval as eval_script
 import train_lfpc
 import train_mgpo
-from config import parse_config
-from loop import check_config, recipe_for
+from config import check_config, parse_config, recipe_for
 
 
 @pytest.mark.parametrize("cls", [train_mgpo.Config, train_lfpc.Config, eval_script.Config])

@@ -3,6 +3,7 @@ results from one process and from two under torchrun when the ranks have differe
 
 import json
 import os
+from dataclasses import asdict
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -14,9 +15,10 @@ from PIL import Image
 import rollout
 from config import parse_config
 from crop import crop_original, resize_for_model
-from data import Sample, synthetic_samples
+from data import Sample
 from eval import (Config, accuracy, by_first_crop, evaluate, first_crop_class, protocol_samples, rank_share,
                   shuffle_options)
+from synthetic import synthetic_samples
 from tests.test_fsdp import ROOT
 
 FAST = ["--num_synthetic", "4", "--max_new_tokens", "8", "--max_new_tokens_turn1", "12", "--max_new_tokens_turn2",
@@ -54,24 +56,27 @@ def test_hrbench_accuracy_is_averaged_over_rotation_groups():
 @pytest.mark.parametrize("mode", ["direct", "mgpo", "tool"])
 def test_each_mode_runs_and_writes_results(mode, tmp_path):
     out = tmp_path / mode
-    runs = evaluate(parse_config(Config, FAST + ["--mode", mode, "--output_dir", str(out)]))
+    cfg = parse_config(Config, FAST + ["--mode", mode, "--output_dir", str(out)])
+    parsed = asdict(cfg)
+    runs = evaluate(cfg)
+    assert asdict(cfg) == parsed  # budgets resolved into a RolloutConfig, not into the parsed config
     result = json.loads((out / "results.json").read_text())
     assert result["protocol"]["mode"] == mode and result["protocol"]["prompts"]
+    assert result["protocol"]["global_max_pixels"] > 0  # the image processor's, resolved (--global_max_pixels 0)
     assert runs["unprobed"]["questions"] == 4 and len(result["records"]["unprobed"]) == 4
     assert 0.0 <= runs["unprobed"]["accuracy"] <= 1.0
     assert runs["unprobed"]["visual_tokens_per_question"] >= 64  # the 224x224 global view
     assert "| unprobed |" in (out / "results.md").read_text()
 
 
-def crop_cfg(probe):
-    return SimpleNamespace(probe=probe, min_pixels=784, crop_max_pixels=112 * 112)
+CROP_CFG = SimpleNamespace(min_pixels=784, crop_max_pixels=112 * 112)
 
 
 def test_gt_probe_crops_the_ground_truth_box():
     sample = synthetic_samples(1, seed=2)[0]
     original = sample.image
     traj = SimpleNamespace(sample=sample, crop_boxes=[], input_size=(224, 224), original_size=original.size)
-    got = rollout.cut_crop(traj, original, [0, 0, 50, 50], crop_cfg("gt"))
+    got = rollout.cut_crop(traj, original, [0, 0, 50, 50], CROP_CFG, "gt")
     expected = resize_for_model(crop_original(original, sample.boxes[0]), 784, 112 * 112)
     assert np.array_equal(np.asarray(got), np.asarray(expected))
     assert traj.crop_boxes == [[0.0, 0.0, 200.0, 200.0]]  # the prediction is still what gets recorded
@@ -80,8 +85,8 @@ def test_gt_probe_crops_the_ground_truth_box():
 def test_noise_probe_keeps_the_size_but_not_the_content():
     sample = synthetic_samples(1, seed=2)[0]
     traj = SimpleNamespace(sample=sample, crop_boxes=[], input_size=(224, 224), original_size=sample.image.size)
-    clean = rollout.cut_crop(traj, sample.image, [10, 10, 90, 60], crop_cfg("none"))
-    noise = rollout.cut_crop(traj, sample.image, [10, 10, 90, 60], crop_cfg("noise"))
+    clean = rollout.cut_crop(traj, sample.image, [10, 10, 90, 60], CROP_CFG, "none")
+    noise = rollout.cut_crop(traj, sample.image, [10, 10, 90, 60], CROP_CFG, "noise")
     assert noise.size == clean.size and not np.array_equal(np.asarray(noise), np.asarray(clean))
     assert abs(np.asarray(noise).mean() - 127.5) < 5  # uniform noise (then resized like any crop)
 

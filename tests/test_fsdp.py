@@ -15,7 +15,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from grpo import grpo_update
 from tests.helpers import ADVANTAGES, TINY_MGPO, small_rollout
-from tests.fsdp_update import UPDATE, make_optimizer, trajectories
+from tests.fsdp_update import BUDGET_RUNS, UPDATE, make_optimizer, trajectories
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,6 +67,35 @@ def test_two_process_fsdp_update_equals_single_process(policy, tiny_path, tmp_pa
         assert worst < 1e-5, (name, worst)
         moved = max((sharded[k] - model.state_dict()[k]).abs().max().item() for k in sharded)
         assert moved > 1e-4
+
+
+def test_two_process_token_budget_update_equals_single_process(policy, tiny_path, tmp_path):
+    """Trajectory i ends 7 - i tokens early (their last 8 tokens are sampled): rank 0 holds the 4 shortest, rank 1
+    the 4 longest, and a budget of 4 x the 4th shortest packs rank 0's into one micro-batch and rank 1's into 2.
+    Rank 0 then runs a zero-weight pass to match rank 1's count (it must, or rank 1 hangs in a reduce-scatter), and
+    both updates (token-mean; seq-mean over 2 epochs) equal the 1-process one with one micro-batch."""
+    model, tokenizer, _ = policy
+    batch = make_batch(policy)
+    for key in ("input_ids", "loss_mask", "rollout_logprobs"):
+        batch[key] = [row[:len(row) - (7 - i)] for i, row in enumerate(batch[key])]
+    lengths = [len(ids) for ids in batch["input_ids"]]
+    assert lengths == sorted(lengths) and lengths[7] > lengths[3]
+    torch.save(batch, tmp_path / "batch.pt")
+    out = torchrun("tests/fsdp_update.py", tiny_path, str(tmp_path / "batch.pt"), str(tmp_path), str(4 * lengths[3]),
+                   timeout=120).stdout
+    for name, overrides in BUDGET_RUNS.items():
+        found = re.findall(rf"rank (\d) {name} packed (\d+) passes (\d+)", out)
+        counts = {rank: (int(k), int(p)) for rank, k, p in found}
+        assert counts == {"0": (1, 2), "1": (2, 2)}, out
+        single = copy.deepcopy(model)
+        cfg = SimpleNamespace(**{**UPDATE, **overrides, "mini_batch_size": 8, "micro_batch_size": 8})
+        grpo_update(single, make_optimizer(single.parameters()), trajectories(batch), batch["advantages"], tokenizer,
+                    cfg, torch.device("cpu"), torch.float32)
+        expected = single.state_dict()
+        sharded = load_file(str(tmp_path / f"{name}.safetensors"))
+        worst = max((sharded[k] - expected[k]).abs().max().item() for k in sharded)
+        assert worst < 1e-5, (name, worst)
+        assert max((sharded[k] - model.state_dict()[k]).abs().max().item() for k in sharded) > 1e-4
 
 
 def test_sharded_generate_when_ranks_stop_at_different_steps(tiny_path):

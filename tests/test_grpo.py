@@ -8,14 +8,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from grpo import (accumulate, batch_logprobs, gather_logprobs, group_advantages, grpo_update, k3, policy_loss,
-                  sequence_logprobs, training_batch)
-from rollout import forbidden_token_ids
+from grpo import (accumulate, batch_logprobs, by_trajectory, gather_logprobs, group_advantages, grpo_update, k3,
+                  micro_batches, policy_loss, sequence_logprobs, training_batch)
+from generation import forbidden_token_ids
 from tests.helpers import ADVANTAGES, small_rollout
 
-UPDATE = dict(mini_batch_size=8, micro_batch_size=8, ppo_epochs=1, clip_eps_low=0.2, clip_eps_high=0.2,
-              clip_ratio_c=0.0, kl_coef=0.0, kl_clamp=0.0, tis_cap=0.0, loss_agg="token_mean", max_grad_norm=1.0,
-              temperature=1.0, gradient_checkpointing=False)
+UPDATE = dict(mini_batch_size=8, micro_batch_size=8, max_tokens_per_micro_batch=0, ppo_epochs=1,
+              clip_eps_low=0.2, clip_eps_high=0.2, clip_ratio_c=0.0, kl_coef=0.0, kl_clamp=0.0, tis_cap=0.0,
+              loss_agg="token_mean", max_grad_norm=1.0, temperature=1.0, gradient_checkpointing=False)
 
 
 def test_group_advantages_by_hand():
@@ -221,6 +221,55 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(policy, rollout_bat
     assert moved > 1e-6  # the update did change the weights
 
 
+def test_micro_batches_by_token_budget_by_hand():
+    # longest first 9, 8, 5, 3 within 16 padded tokens: 9 alone (2 x 9 > 16), 8 and 5 (2 x 8), 3 alone (3 x 8 > 16)
+    assert micro_batches([5, 9, 3, 8], 4, 2, max_tokens=16) == [[[1], [3, 0], [2]]]
+    assert micro_batches([5, 9, 3, 8], 4, 2) == [[[0, 1], [2, 3]]]  # off: micro_batch_size, as sampled
+    # mini-batches keep their trajectories: [5, 9] -> 9 alone, then 5; [3, 8] -> 2 x 8 = 16
+    assert micro_batches([5, 9, 3, 8], 2, 2, max_tokens=16) == [[[1], [0]], [[3, 2]]]
+    # a trajectory past the budget is a micro-batch of its own; equal lengths stay in sampled order
+    assert micro_batches([20, 4, 4, 4], 4, 1, max_tokens=8) == [[[0], [1, 2], [3]]]
+
+
+def stopped_early(trajs):
+    """Copies of `trajs` (whose last 8 tokens are all sampled) where trajectory i ends i tokens earlier."""
+    cut = lambda row, i: row[:len(row) - i]
+    return [dataclasses.replace(t, input_ids=cut(t.input_ids, i), loss_mask=cut(t.loss_mask, i),
+                                rollout_logprobs=cut(t.rollout_logprobs, i)) for i, t in enumerate(trajs)]
+
+
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean"])
+def test_token_budget_gives_the_one_micro_batch_update(policy, rollout_batch, loss_agg):
+    """Micro-batches packed by length within a token budget: the same SGD step as all 8 trajectories (of 8
+    different lengths) in one micro-batch (the exact global token-mean, or mean of sequence means), and the same
+    logged loss."""
+    trajs, adv = rollout_batch
+    trajs = stopped_early(trajs)
+    lengths = [len(t.input_ids) for t in trajs]
+    budget = 2 * max(lengths)
+    [packed] = micro_batches(lengths, 8, 8, budget)
+    assert packed == [[0, 1], [2, 3], [4, 5], [6, 7]]  # longest first: trajectory 0 is the longest
+    whole, whole_stats = updated(policy, trajs, adv, torch.optim.SGD, loss_agg=loss_agg)
+    budgeted, stats = updated(policy, trajs, adv, torch.optim.SGD, loss_agg=loss_agg, micro_batch_size=1,
+                              max_tokens_per_micro_batch=budget)
+    assert max((a - b).abs().max().item() for a, b in zip(whole.parameters(), budgeted.parameters())) < 1e-6
+    assert stats["loss"] == pytest.approx(whole_stats["loss"], abs=1e-6) and stats["tokens"] == whole_stats["tokens"]
+    moved = max((a - b).abs().max().item() for a, b in zip(whole.parameters(), policy[0].parameters()))
+    assert moved > 1e-6
+
+
+def test_token_budget_with_several_steps_uses_each_trajectorys_old_logprobs(policy, rollout_batch):
+    """Two mini-batches of 4, two epochs (old log-probs from a separate forward, matched to each trajectory
+    whatever micro-batch it lands in): the same weights as micro-batches of 4 as sampled."""
+    trajs, adv = rollout_batch
+    trajs = stopped_early(trajs)
+    budget = 2 * max(len(t.input_ids) for t in trajs)
+    plain, _ = updated(policy, trajs, adv, torch.optim.SGD, mini_batch_size=4, micro_batch_size=4, ppo_epochs=2)
+    budgeted, _ = updated(policy, trajs, adv, torch.optim.SGD, mini_batch_size=4, micro_batch_size=1, ppo_epochs=2,
+                          max_tokens_per_micro_batch=budget)
+    assert max((a - b).abs().max().item() for a, b in zip(plain.parameters(), budgeted.parameters())) < 1e-6
+
+
 def test_later_mini_batches_see_true_ratios(policy, rollout_batch):
     trajs, adv = rollout_batch
     _, stats = updated(policy, trajs, adv, mini_batch_size=2, micro_batch_size=2, ppo_epochs=2)
@@ -241,9 +290,11 @@ def test_skipping_the_old_logprob_forward_changes_no_gradient(policy, rollout_ba
     model, tokenizer, _ = policy
     model = copy.deepcopy(model)
     cfg = SimpleNamespace(**{**UPDATE, "micro_batch_size": 4})
+    micros = [[0, 1, 2, 3], [4, 5, 6, 7]]
     grads = []
-    for old in (batch_logprobs(model, trajs, tokenizer, cfg, torch.device("cpu"), torch.float32), None):
-        accumulate(model, trajs, adv, old, None, [0, 1], tokenizer, cfg, torch.device("cpu"), torch.float32,
+    scored = batch_logprobs(model, trajs, tokenizer, cfg, torch.device("cpu"), torch.float32, micros)
+    for old in (by_trajectory(trajs, micros, scored), None):
+        accumulate(model, trajs, adv, old, None, micros, tokenizer, cfg, torch.device("cpu"), torch.float32,
                    forbidden_token_ids(tokenizer))
         grads.append([p.grad.clone() for p in model.parameters()])
         model.zero_grad(set_to_none=True)
@@ -253,10 +304,11 @@ def test_skipping_the_old_logprob_forward_changes_no_gradient(policy, rollout_ba
 
 def test_loss_options_are_checked_at_start_up():
     from config import parse_config
-    from loop import check_config
+    from config import check_config
     from train_mgpo import Config
     for argv, flag in [(["--clip_ratio_c", "0.5"], "--clip_ratio_c"), (["--tis_cap", "-1"], "--tis_cap"),
-                       (["--kl_clamp", "-2"], "--kl_clamp")]:
+                       (["--kl_clamp", "-2"], "--kl_clamp"),
+                       (["--max_tokens_per_micro_batch", "-1"], "--max_tokens_per_micro_batch")]:
         with pytest.raises(SystemExit, match=flag):
             check_config(parse_config(Config, argv), 1)
     check_config(parse_config(Config, ["--clip_ratio_c", "0", "--tis_cap", "2", "--kl_clamp", "0"]), 1)

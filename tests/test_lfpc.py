@@ -8,8 +8,9 @@ import torch
 
 from config import parse_config
 from data import Sample
-from loop import check_config
-from train_lfpc import Config, extra_checks, lfpc_metrics, lfpc_reward, normalised_answer, train
+from config import check_config
+from rewards import lfpc_stage1_reward, lfpc_stage2_reward
+from train_lfpc import Config, extra_checks, lfpc_metrics, normalised_answer, reward_parts, train
 
 FAST = ["--max_steps", "1", "--max_new_tokens_per_turn", "8", "--num_synthetic", "8", "--batch_size", "2",
         "--num_generations", "2", "--max_response_tokens", "24"]
@@ -36,11 +37,12 @@ def test_resolution_selection_compares_answers_not_their_wrapping():
 def test_stage1_reward_by_hand():
     cfg = Config()
     # correct, well formed, one crop: 0.8*1 + 0.2*0 + 1.2*1
-    assert lfpc_reward(episode(["<tool_call>...</tool_call>", GOOD], [[0, 0, 10, 10]]), cfg)[0] == pytest.approx(2.0)
+    assert lfpc_stage1_reward(episode(["<tool_call>...</tool_call>", GOOD], [[0, 0, 10, 10]]), cfg) == \
+        pytest.approx(2.0)
     # correct without a crop: no tool bonus
-    assert lfpc_reward(episode([GOOD], []), cfg)[0] == pytest.approx(0.8)
+    assert lfpc_stage1_reward(episode([GOOD], []), cfg) == pytest.approx(0.8)
     # wrong and no answer tag: 0.8*0 + 0.2*(-1) + 0
-    assert lfpc_reward(episode(["I think A"], []), cfg)[0] == pytest.approx(-0.2)
+    assert lfpc_stage1_reward(episode(["I think A"], []), cfg) == pytest.approx(-0.2)
 
 
 def test_stage2_adds_the_grounding_reward_of_the_last_crop():
@@ -48,20 +50,23 @@ def test_stage2_adds_the_grounding_reward_of_the_last_crop():
     exact = [100, 100, 200, 200]  # = B1: coverage 1, IoU 1, L1 0 -> r_geo 1
     off = [0, 0, 100, 100]        # coverage 0 -> r_iou 0; L1 to B1 = (0.1 + 0.2 + 0.1 + 0.2) / 4 = 0.15,
     #                               to B2 = (0.05 + 0.1 + 0.2 + 0.4) / 4 = 0.1875 -> r_l1 = 0.85, r_geo = 0.425
-    reward, parts = lfpc_reward(episode([GOOD], [off, exact]), cfg)
+    reward = lfpc_stage2_reward(episode([GOOD], [off, exact]), cfg)
     assert reward == pytest.approx(0.8 + 1.2 + 1.0)
-    reward, parts = lfpc_reward(episode([GOOD], [exact, off]), cfg)
+    reward, parts = (f(episode([GOOD], [exact, off]), cfg) for f in (lfpc_stage2_reward, reward_parts))
     assert parts["grounding_r_geo"] == pytest.approx(0.425) and reward == pytest.approx(2.0 + 0.425)
     best = Config(stage=2, grounding_crop="best")
-    assert lfpc_reward(episode([GOOD], [exact, off]), best)[0] == pytest.approx(3.0)
+    assert lfpc_stage2_reward(episode([GOOD], [exact, off]), best) == pytest.approx(3.0)
 
 
 def test_metrics_count_crops_and_visual_tokens():
     eps = [episode([GOOD], [[100, 100, 200, 200], [0, 0, 500, 250]]), episode([GOOD], [])]
-    parts = [lfpc_reward(e, Config())[1] for e in eps]
-    m = lfpc_metrics(eps, parts)
+    m = lfpc_metrics(eps, Config())
     assert m["tool_calls"] == (2, 2) and m["valid_crops"] == (2, 2)
-    assert m["crop_iou"] == (pytest.approx(1.0 + 10000 / 125000), 2)
+    # each crop against its best-matching box (highest IoU): the first crop is B1 exactly (IoU 1, coverage 1); the
+    # second [0, 0, 500, 250] matches B2 = [50, 50, 300, 300] (IoU 50000 / 137500, vs 10000 / 125000 with B1),
+    # which it covers 50000 / 62500 = 0.8
+    assert m["crop_iou"] == (pytest.approx(1.0 + 50000 / 137500), 2)
+    assert m["crop_coverage"] == (pytest.approx(1.0 + 0.8), 2)
     assert m["crop_area_ratio"] == (pytest.approx(0.02 + 0.25), 2)
     assert m["visual_tokens"] == (16 + 4 + 4 + 16, 2) and m["crop_visual_tokens"] == (8, 2)
 

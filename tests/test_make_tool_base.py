@@ -12,8 +12,8 @@ import tiny
 from config import parse_config
 from crop import parse_tool_call
 from make_tool_base import Config, make_tool_base
-from rollout import TOOL_PROMPTS
-from tiny import TINY_BASE, resolve_model_path
+from prompts import TOOL_PROMPTS
+from tiny import TINY_BASE, check_prompt_fingerprint, resolve_model_path
 
 
 def test_a_few_steps_on_tool_conversations_only_change_the_base(tmp_path, monkeypatch):
@@ -28,7 +28,7 @@ def test_a_few_steps_on_tool_conversations_only_change_the_base(tmp_path, monkey
     out = tmp_path / "tool-base"
     make_tool_base(parse_config(Config, ["--num_images", "4", "--steps", "2", "--batch_size", "4",
                                          "--output_dir", str(out)]), log=lambda *_: None)
-    assert len(seen) == 8  # 4 images x make_base's 2 conversations each, none single-turn
+    assert len(seen) == 8  # 4 images x make_base's 2 conversations each, none direct
     for text in seen:
         assert TOOL_PROMPTS.system in text and "\\boxed" not in text
         turn1 = text.split("<|im_start|>assistant\n")[1]
@@ -38,6 +38,7 @@ def test_a_few_steps_on_tool_conversations_only_change_the_base(tmp_path, monkey
     assert any(not torch.equal(before[k], after[k]) for k in before)  # two AdamW steps moved the weights
     vocab = lambda path: json.loads(open(f"{path}/tokenizer.json").read())["model"]["vocab"]
     assert vocab(out) == vocab(TINY_BASE)  # the base's tokenizer: one token per coordinate
+    check_prompt_fingerprint(str(out), "make_tool_base.py")  # stops unless today's fingerprint was stored beside it
 
 
 def test_tiny_tool_base_resolves_to_its_checkpoint_or_names_the_rebuild(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Tests for the benchmark readers of data.py: V* Bench, HR-Bench, MME-RealWorld, and read_benchmark's dispatch;
+"""Tests for the benchmark readers of benchmarks.py: V* Bench, HR-Bench, MME-RealWorld, and read_benchmark's dispatch;
 and HR-Bench's accuracy over option rotations (eval.accuracy) on rows read from a TSV.
 
 Every fixture is built in tmp_path from code, in its benchmark's published layout, around a few tiny images.
@@ -15,19 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import (
-    DataError,
-    Sample,
-    load_image,
-    load_samples,
-    read_benchmark,
-    read_hrbench,
-    read_jsonl,
-    read_mme_realworld,
-    read_vstar,
-)
+from answers import answer_matches
+from benchmarks import read_benchmark, read_hrbench, read_mme_realworld, read_vstar
+from data import DataError, Sample, load_image, load_samples, read_jsonl
 from eval import accuracy
-from rewards import answer_matches
 
 RED, GREEN, BLUE = (200, 20, 20), (20, 200, 20), (20, 20, 200)
 

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import answers
 import crop
 import rewards
 import train_mgpo
@@ -29,14 +30,14 @@ FAST = TINY_MGPO + ["--max_new_tokens_turn1", "8", "--max_new_tokens_turn2", "4"
 TIMING = {"seconds", "rollout_tokens_per_s", "update_tokens_per_s"}
 
 
-def pseudo_reward(text, answer, options):
+def pseudo_reward(traj, cfg):
     """A deterministic reward that varies with the sampled text, so that updates really move the weights
     (the random tiny model never answers correctly)."""
-    return float(len(text) % 3 == 0)
+    return float(len(traj.texts[-1]) % 3 == 0)
 
 
 def run(monkeypatch, out, *argv):
-    monkeypatch.setattr(train_mgpo, "accuracy_reward", pseudo_reward)
+    monkeypatch.setattr(train_mgpo, "mgpo_reward", pseudo_reward)
     train_mgpo.train(parse_config(train_mgpo.Config, FAST + ["--output_dir", str(out), *argv]))
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -105,11 +106,11 @@ def test_fsdp_resume_restores_model_and_optimizer_exactly(policy, tiny_path, tmp
 def test_nonfinite_updates_are_skipped_then_stop_the_run(monkeypatch, tmp_path):
     calls = {"n": 0}
 
-    def nan_after_first_step(text, answer, options):
+    def nan_after_first_step(traj, cfg):
         calls["n"] += 1
-        return pseudo_reward(text, answer, options) if calls["n"] <= 16 else math.nan  # 16 = one step's batch
+        return pseudo_reward(traj, cfg) if calls["n"] <= 16 else math.nan  # 16 = one step's batch
 
-    monkeypatch.setattr(train_mgpo, "accuracy_reward", nan_after_first_step)
+    monkeypatch.setattr(train_mgpo, "mgpo_reward", nan_after_first_step)
     out = tmp_path / "nan"
     cfg = parse_config(train_mgpo.Config, FAST + ["--output_dir", str(out), "--max_steps", "6", "--save_steps", "1",
                                                   "--max_nonfinite_steps", "2"])
@@ -152,7 +153,7 @@ def test_skip_bad_samples_counts_and_reports(tmp_path, capsys):
              json.dumps({**good, "id": "x", "answer": "C"}), json.dumps({**good, "id": "e", "options": []}),
              json.dumps({**good, "id": "m", "image": "missing.png"}), '{"id": "trunc", "ima']
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
-    from loop import load_training_samples
+    from training import load_training_samples
     cfg = parse_config(train_mgpo.Config, ["--data", str(tmp_path / "d.jsonl"), "--skip_bad_samples", "true"])
     samples = load_training_samples(cfg, rank=0)
     assert [s.id for s in samples] == ["g"]
@@ -191,5 +192,5 @@ def test_parsers_and_rewards_accept_any_string():
             assert r in (0.0, 1.0)
         assert rewards.lfpc_format_reward([text, text], 64) in (0.0, -1.0)
         assert isinstance(rewards.mgpo_format_ok(text, text), bool)
-        rewards.extract_answer_tag(text)
-        rewards.extract_boxed(text)
+        answers.extract_answer_tag(text)
+        answers.extract_boxed(text)

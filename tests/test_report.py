@@ -9,7 +9,7 @@ import torch
 
 from model import load_policy
 from report import held_out, running_mean, table
-from tests.held_out_uneven import MODES, held_out_config
+from tests.held_out_uneven import MODES, held_out_config, held_out_rollout
 from tests.test_eval import torchrun_or_stop
 from tiny import COMMITTED
 
@@ -35,10 +35,11 @@ def test_held_out_on_a_sharded_model_with_uneven_ranks_matches_one_process(tmp_p
     base = COMMITTED["tiny-base"][0]  # its tool episodes end at different rounds (held_out_config)
     torchrun_or_stop(["tests/held_out_uneven.py", base, str(tmp_path / "two")], timeout=120)
     model, tokenizer, image_processor = load_policy(base, torch.device("cpu"), torch.float32)
-    ctx = SimpleNamespace(rank=0, world_size=1, model=model, tokenizer=tokenizer, image_processor=image_processor)
+    ctx = SimpleNamespace(rank=0, world_size=1, model=model, tokenizer=tokenizer, image_processor=image_processor,
+                          rollout=held_out_rollout(image_processor))
     for mode in MODES:
         (tmp_path / "one" / mode).mkdir(parents=True)
-        one = held_out(ctx, held_out_config(image_processor, str(tmp_path / "one" / mode)), mode, "after")
+        one = held_out(ctx, held_out_config(str(tmp_path / "one" / mode)), mode, "after")
         two = json.loads((tmp_path / "two" / mode / "held_out_after.json").read_text())
         one.pop("seconds_per_question")
         two.pop("seconds_per_question")

@@ -9,15 +9,18 @@ from PIL import Image
 from torch.overrides import TorchFunctionMode
 from transformers import GenerationConfig
 
+import generation
 import rollout
-from data import Sample, synthetic_samples
+from data import Sample
 from grpo import batch_logprobs
-from rollout import (JSON_BLOCK_END, StopAtPattern, close_assistant_turn, end_of_turn_ids, expand_image_pads,
-                     forbidden_token_ids, mgpo_rollout)
+from generation import JSON_BLOCK_END, StopAtPattern, end_of_turn_ids, forbidden_token_ids
+from prompts import MGPO_PROMPTS
+from rollout import close_assistant_turn, expand_image_pads, mgpo_rollout
+from synthetic import synthetic_samples
 
 CFG = SimpleNamespace(global_max_pixels=224 * 224, crop_max_pixels=112 * 112, min_pixels=28 * 28,
                       max_new_tokens_turn1=24, max_new_tokens_turn2=12, temperature=1.0, micro_batch_size=8,
-                      rollout_batch_size=0, min_box_side=28)
+                      rollout_batch_size=0, min_box_side=28, do_sample=True, probe="none")
 # Turn-1 boxes in model-input pixels, handed out in order: crops of different shapes, and invalid ones
 # (None: no parsable box; [50, 50, 60, 60]: under 28 px) that bring the global view back.
 # The wide image's model input is 308x140, so [30, 40, 200, 220] is out of range there.
@@ -111,7 +114,7 @@ def test_generate_samples_from_the_recorded_distribution(policy, qwen_generation
     first, _ = rollout.start_trajectory(synthetic_samples(1, seed=3)[0], tokenizer, image_processor, "system",
                                         "question", 112 * 112, 784)
     torch.manual_seed(0)
-    outs, _ = rollout.generate_turn(model, tokenizer, rollout.prompt_batch(model, tokenizer, [first] * 4), 10,
+    outs, _ = generation.generate_turn(model, tokenizer, generation.prompt_batch(model, tokenizer, [first] * 4), 10,
                                     temperature=0.7)
     drawn = torch.stack(drawn, 1)
     for row, (ids, logprobs) in enumerate(outs):
@@ -145,7 +148,7 @@ def test_conversation_is_the_chat_template_with_sampled_ids_inside(policy, traje
         assert sampled_text == t.texts
         q = t.sample
         from data import format_choices
-        p = rollout.MGPO_PROMPTS
+        p = MGPO_PROMPTS
         intro = p.crop_intro if t.box_valid else p.invalid_intro
         turn2 = p.turn2.format(question=q.question, choices=format_choices(q.options))
         messages = [{"role": "system", "content": p.system},
@@ -183,7 +186,7 @@ def test_turn2_from_the_cache_equals_reencoding_the_conversation(policy, monkeyp
     wide = Sample("wide", Image.new("RGB", (640, 300), (90, 120, 200)), "What colour?", ["red", "blue"], "B", None)
     boxes = iter(BOXES)
     monkeypatch.setattr(rollout, "parse_box", lambda text: next(boxes))
-    monkeypatch.setattr(rollout, "StopAtPattern", StopRowsEarly)
+    monkeypatch.setattr(generation, "StopAtPattern", StopRowsEarly)
     torch.manual_seed(0)
     trajs, turn1 = rollout.mgpo_grounding_turn(model, tokenizer, image_processor,
                                                [synthetic_samples(1, seed=3)[0], wide], 4, CFG)
@@ -272,16 +275,16 @@ def test_a_turn_ends_at_any_end_id_of_the_checkpoint(policy, qwen_generation_con
 
     first, _ = rollout.start_trajectory(synthetic_samples(1, seed=3)[0], tokenizer, image_processor, "system",
                                         "question", 112 * 112, 784)
-    batch = rollout.prompt_batch(model, tokenizer, [first] * 2)
+    batch = generation.prompt_batch(model, tokenizer, [first] * 2)
     hook = model.lm_head.register_forward_hook(endoftext_second)
     try:
-        outs, turn = rollout.generate_turn(model, tokenizer, batch, 8, do_sample=False)
+        outs, turn = generation.generate_turn(model, tokenizer, batch, 8, do_sample=False)
         assert [len(ids) for ids, _ in outs] == [2, 2] and all(ids[1] == endoftext for ids, _ in outs)
         assert turn.sequences.shape[1] == batch["input_ids"].shape[1] + 2  # generate itself stopped
         forwards.clear()
         model.generation_config.eos_token_id = im_end
         assert end_of_turn_ids(model, tokenizer) == [im_end]
-        outs, _ = rollout.generate_turn(model, tokenizer, batch, 8, do_sample=False)
+        outs, _ = generation.generate_turn(model, tokenizer, batch, 8, do_sample=False)
         assert [len(ids) for ids, _ in outs] == [8, 8] and all(ids[1] == endoftext for ids, _ in outs)
     finally:
         hook.remove()

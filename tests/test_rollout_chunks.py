@@ -10,24 +10,26 @@ import pytest
 import torch
 from PIL import Image
 
+import generation
 import rollout
-from data import Sample, synthetic_samples
-from rollout import chunks, mgpo_rollout, tool_rollout
+from data import Sample
+from generation import chunks
+from rollout import mgpo_rollout, tool_rollout
+from synthetic import synthetic_samples
 from tests.test_fsdp import torchrun
 
 GREEDY = dict(global_max_pixels=224 * 224, crop_max_pixels=112 * 112, min_pixels=28 * 28, temperature=1.0,
-              do_sample=False, min_box_side=28)
+              do_sample=False, min_box_side=28, probe="none")
 MGPO = SimpleNamespace(**GREEDY, max_new_tokens_turn1=16, max_new_tokens_turn2=8)
 TOOL = SimpleNamespace(**GREEDY, max_turns=5, max_response_tokens=100, max_new_tokens_per_turn=6)
 # turn-1 boxes of the 6 MGPO trajectories, in order: crops of different shapes and invalid ones (global view again)
 BOXES = [[10, 10, 100, 60], None, [0, 0, 224, 224], [50, 50, 60, 60], [5, 5, 40, 140], [100, 20, 300, 50]]
 V1, V2, V3 = [10, 10, 100, 60], [20, 30, 120, 130], [0, 0, 200, 100]
-# the tool calls the loop reads, round by round, the episodes still going in index order:
-# round 1 all 6, round 2 episodes 0, 2, 3, 4, 5 (two chunks of 4 and 1), round 3 episodes 0, 3, 5, round 4 episode 3
-SCRIPT = [(V1, None), None, (V2, None), (None, "invalid JSON in <tool_call>"), (V3, None), (V1, None),
-          (V2, None), None, (V1, None), None, (V3, None),
-          None, (V1, None), None,
-          None]
+# the tool calls each episode reads, round by round: episodes 1, 2, 4 end in rounds 1, 2, 2; 0 and 5 in round 3,
+# 3 in round 4 (so 6, 5, 3, 1 episodes go through rounds 1-4)
+SCRIPT = {0: [(V1, None), (V2, None), None], 1: [None], 2: [(V2, None), None],
+          3: [(None, "invalid JSON in <tool_call>"), (V1, None), (V1, None), None], 4: [(V3, None), None],
+          5: [(V1, None), (V3, None), None]}
 
 
 def six_samples():
@@ -40,9 +42,19 @@ def six_samples():
 def run(policy, monkeypatch, recipe, size):
     """(trajectories, the batch size of each generate call) of a greedy rollout in chunks of `size`."""
     model, tokenizer, image_processor = policy
-    script = iter(BOXES if recipe is mgpo_rollout else SCRIPT)
-    parser = "parse_box" if recipe is mgpo_rollout else "parse_tool_call"
-    monkeypatch.setattr(rollout, parser, lambda text: next(script))
+    samples = six_samples()
+    if recipe is mgpo_rollout:
+        boxes = iter(BOXES)
+        monkeypatch.setattr(rollout, "parse_box", lambda text: next(boxes))
+    else:  # the calls of the episode whose tool_step reads the text: episodes run in another order when chunked
+        calls, tool_step, ids = {i: iter(c) for i, c in SCRIPT.items()}, rollout.tool_step, []
+
+        def scripted(traj, *args):
+            ids.append([s.id for s in samples].index(traj.sample.id))
+            return tool_step(traj, *args)
+
+        monkeypatch.setattr(rollout, "tool_step", scripted)
+        monkeypatch.setattr(rollout, "parse_tool_call", lambda text: next(calls[ids[-1]]))
     rows, generate_turn = [], rollout.generate_turn
 
     def counted(model, tokenizer, batch, *args, **kwargs):
@@ -51,16 +63,17 @@ def run(policy, monkeypatch, recipe, size):
 
     monkeypatch.setattr(rollout, "generate_turn", counted)
     cfg = SimpleNamespace(**vars(MGPO if recipe is mgpo_rollout else TOOL), rollout_batch_size=size)
-    trajs = recipe(model, tokenizer, image_processor, six_samples(), 1, cfg)
-    assert next(script, "done") == "done"  # read exactly as scripted
+    trajs = recipe(model, tokenizer, image_processor, samples, 1, cfg)
+    left = [next(boxes, "done")] if recipe is mgpo_rollout else [next(c, "done") for c in calls.values()]
+    assert set(left) == {"done"}  # read exactly as scripted
     return trajs, rows
 
 
 @pytest.mark.parametrize("recipe, rows, chunked_rows", [(mgpo_rollout, [6, 6], [4, 4, 2, 2]),
-                                                        (tool_rollout, [6, 5, 3, 1], [4, 2, 4, 1, 3, 1])])
+                                                        (tool_rollout, [6, 5, 3, 1], [4, 3, 2, 1, 2, 2, 1])])
 def test_chunked_greedy_rollout_equals_one_call(policy, monkeypatch, recipe, rows, chunked_rows):
-    """MGPO: each chunk runs turn 1 then turn 2 on its own cache; the tool loop chunks the episodes still going
-    in each round (6, 5, 3, 1 of them)."""
+    """MGPO: each chunk runs turn 1 then turn 2 on its own cache; the tool loop runs each chunk's rounds to its end
+    (episodes 0-3: 4, 3, 2, 1 going; then 4-5: 2, 2, 1), each round on the last round's cache."""
     whole, calls = run(policy, monkeypatch, recipe, 0)
     assert calls == rows
     chunked, calls = run(policy, monkeypatch, recipe, 4)
@@ -77,14 +90,14 @@ def test_each_chunk_frees_its_cache_before_the_next(policy, monkeypatch):
     """Turn 2 continues on turn 1's cache of the same chunk; the next chunk starts with no cache alive, and none
     survives the rollout (for the update's memory). Weak references see when a cache is freed; no gc.collect."""
     caches, alive_at_start = [], []
-    turn_cache = rollout.turn_cache
+    turn_cache = generation.turn_cache
 
     def watched(batch, out, results):
         alive_at_start.append(sum(ref() is not None for ref in caches))
         caches.append(weakref.ref(out.cache))
         return turn_cache(batch, out, results)
 
-    monkeypatch.setattr(rollout, "turn_cache", watched)
+    monkeypatch.setattr(generation, "turn_cache", watched)
     trajs, _ = run(policy, monkeypatch, mgpo_rollout, 4)
     assert len(trajs) == 6 and len(caches) == 4  # 2 chunks x 2 turns
     assert alive_at_start == [0, 1, 0, 1]  # chunk 1 turn 1, its turn 2 (on the same cache), chunk 2 ...

@@ -8,13 +8,15 @@ import torch
 from PIL import Image
 
 import rollout
-from data import Sample, synthetic_samples
+from data import Sample
 from grpo import batch_logprobs
-from rollout import TOOL_PROMPTS, tool_rollout, visual_tokens
+from prompts import TOOL_PROMPTS
+from rollout import tool_rollout, visual_tokens
+from synthetic import synthetic_samples
 
 CFG = SimpleNamespace(global_max_pixels=224 * 224, crop_max_pixels=56 * 56, min_pixels=28 * 28, max_turns=5,
                       max_response_tokens=100, max_new_tokens_per_turn=6, temperature=1.0, micro_batch_size=4,
-                      rollout_batch_size=0, min_box_side=28)
+                      rollout_batch_size=0, min_box_side=28, do_sample=True, probe="none")
 V1, V2, V3 = [10, 10, 100, 60], [20, 30, 120, 130], [0, 0, 200, 100]
 BAD_JSON = (None, "invalid JSON in <tool_call>")
 OUTSIDE = [0, 0, 400, 50]  # wider than either global view

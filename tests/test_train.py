@@ -1,11 +1,11 @@
 """train_mgpo.py: options, start-up checks that name the flag, and one real step end to end on CPU."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 
-from config import parse_config
-from loop import check_config
+from config import check_config, parse_config
 from tests.helpers import TINY_MGPO
 from train_mgpo import Config, train
 
@@ -45,7 +45,10 @@ def test_bad_flags_stop_with_their_name(capsys):
 
 def test_two_steps_end_to_end(tmp_path):
     out = tmp_path / "run"
-    train(parse_config(Config, FAST + ["--output_dir", str(out), "--learning_rate", "1e-3", "--save_steps", "1"]))
+    cfg = parse_config(Config, FAST + ["--output_dir", str(out), "--learning_rate", "1e-3", "--save_steps", "1"])
+    parsed = asdict(cfg)
+    train(cfg)
+    assert asdict(cfg) == parsed  # budgets and mini-batch are resolved elsewhere (ctx.rollout, grpo_update)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("reward", "accuracy", "valid_box_ratio", "iou", "coverage", "response_tokens", "clip_frac", "kl",
@@ -58,8 +61,17 @@ def test_two_steps_end_to_end(tmp_path):
 def test_kl_to_the_frozen_reference(tmp_path, monkeypatch):
     """kl_coef > 0 builds the reference: KL is 0 while the policy equals it, > 0 once the policy has moved."""
     import train_mgpo
-    monkeypatch.setattr(train_mgpo, "accuracy_reward", lambda text, answer, options: float(len(text) % 3 == 0))
+    monkeypatch.setattr(train_mgpo, "mgpo_reward", lambda traj, cfg: float(len(traj.texts[-1]) % 3 == 0))
     out = tmp_path / "kl"
     train(parse_config(Config, FAST + ["--output_dir", str(out), "--learning_rate", "1e-2", "--kl_coef", "0.1"]))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-7) and rows[1]["kl"] > 1e-6
+
+
+def test_direct_baseline_answers_in_one_turn(tmp_path):
+    """--direct: GRPO on one answer from the global view; no box, so no box metrics, and at most turn 2's tokens."""
+    out = tmp_path / "direct"
+    train(parse_config(Config, FAST + ["--output_dir", str(out), "--direct", "true", "--max_steps", "1"]))
+    [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"reward", "accuracy", "response_tokens", "loss"} <= set(row) and "valid_box_ratio" not in row
+    assert row["response_tokens"] <= 6  # --max_new_tokens_turn2 6

@@ -1,4 +1,4 @@
-"""The update's memory options on one process, set up as a run sets them up (loop.setup): activation checkpointing
+"""The update's memory options on one process, set up as a run sets them up (training.setup): activation checkpointing
 (really active, and the same update) and a frozen vision tower. The 2-rank versions, and the sharded gradients
 during accumulation, are in tests/test_fsdp.py (tests/fsdp_update.py)."""
 
@@ -7,7 +7,7 @@ import torch
 
 from config import parse_config
 from grpo import grpo_update
-from loop import setup
+from training import setup
 from tests.fsdp_update import count_mlp_forwards, forwards_per_layer
 from tests.helpers import ADVANTAGES, TINY_MGPO, small_rollout
 from train_mgpo import Config
