@@ -31,8 +31,8 @@ from model import default_device, gathered, load_policy, shard_model
 from prompts import MGPO_PROMPTS, TOOL_PROMPTS
 from rollout import (append_sampled, append_user_turn, cut_crop, generate_for, mgpo_grounding_turn, mgpo_rollout,
                      start_groups)
-from synthetic import synthetic_samples
-from tiny import DEMO_MIN_BOX_SIDE, TINY_TEXT, TINY_VISION, build_tiny, resolve_model_path
+from demo.synthetic import synthetic_samples
+from demo.tiny import DEMO_MIN_BOX_SIDE, TINY_TEXT, TINY_VISION, build_tiny, resolve_model_path
 
 LARGE_TEXT = dict(TINY_TEXT, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6,

@@ -307,7 +307,7 @@ def load_samples(spec: str, n_synthetic: int, seed: int, skipped: list[str] | No
     """
     # imported here: both modules build on this one
     if spec == "synthetic":
-        from synthetic import synthetic_samples
+        from demo.synthetic import synthetic_samples
         return synthetic_samples(n_synthetic, seed)
     from benchmarks import read_benchmark
     return read_benchmark(spec, skipped)

@@ -33,7 +33,7 @@ from model import gathered, shard_model
 from prompts import MGPO_PROMPTS
 from rewards import mgpo_reward
 from rollout import generate_for, mgpo_rollout, start_groups
-from tiny import build_tiny_tokenizer
+from demo.tiny import build_tiny_tokenizer
 from train_mgpo import Config
 
 # (text widths, vision widths, run shape) of the two modes; the image side fills the pixel budget exactly

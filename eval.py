@@ -46,8 +46,8 @@ from pictures import save_picture, trajectory_picture
 from prompts import DIRECT_PROMPT, DIRECT_SYSTEM, MGPO_PROMPTS, TOOL_PROMPTS
 from rewards import COVERAGE_THRESHOLD, accuracy_reward, tool_accuracy_reward
 from rollout import direct_rollout, mgpo_rollout, tool_rollout, visual_tokens
-from synthetic import synthetic_samples
-from tiny import resolve_model_path
+from demo.synthetic import synthetic_samples
+from demo.tiny import resolve_model_path
 
 MODES = ("direct", "mgpo", "tool")
 PROBES = ("none", "gt", "noise")

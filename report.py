@@ -16,7 +16,7 @@ from benchmarks import read_benchmark
 from eval import HELD_OUT_SEED, answer_all, gather, metrics
 from model import gathered
 from pictures import draw_curves, save_picture
-from synthetic import synthetic_samples
+from demo.synthetic import synthetic_samples
 
 # (metrics key, column title) of the table; eval.metrics computes every one of them
 COLUMNS = [("accuracy", "accuracy"), ("crop_iou", "IoU"), ("crop_coverage", "coverage"),

@@ -32,7 +32,7 @@ from resolution import UNCHANGED, apply_resolutions, format_report, level_report
 from rewards import (COVERAGE_THRESHOLD, crop_grounding, lfpc_format_reward, lfpc_stage1_reward, lfpc_stage2_reward,
                      tool_accuracy_reward)
 from rollout import direct_answers, tool_rollout, visual_tokens
-from tiny import DEMO_MIN_BOX_SIDE
+from demo.tiny import DEMO_MIN_BOX_SIDE
 from training import (batch_stream, count_nonfinite, finish, load_training_samples, log_step, open_metrics_log,
                       save_due, setup, step_metrics, steps)
 

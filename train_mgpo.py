@@ -21,7 +21,7 @@ from model import gathered
 from report import held_out, report_after
 from rewards import mgpo_format_ok, mgpo_reward
 from rollout import direct_rollout, mgpo_rollout
-from tiny import COMMITTED, DEMO_MIN_BOX_SIDE
+from demo.tiny import COMMITTED, DEMO_MIN_BOX_SIDE
 from training import (batch_stream, count_nonfinite, finish, load_training_samples, log_step, open_metrics_log,
                       save_due, setup, step_metrics, steps)
 

@@ -27,7 +27,7 @@ from data import batches, load_samples, shard
 from distributed import all_reduce_sum, setup_distributed
 from memory import startup_summary
 from model import default_device, load_policy
-from tiny import resolve_model_path
+from demo.tiny import resolve_model_path
 
 
 def seed_everything(seed):

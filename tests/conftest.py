@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import load_policy
-from tiny import build_tiny
+from demo.tiny import build_tiny
 
 
 @pytest.fixture(scope="session")

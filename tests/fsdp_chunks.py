@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 import rollout
 from model import load_policy, shard_model
-from synthetic import synthetic_samples
+from demo.synthetic import synthetic_samples
 
 CFG = SimpleNamespace(global_max_pixels=112 * 112, crop_max_pixels=56 * 56, min_pixels=784, temperature=1.0,
                       max_new_tokens_turn1=6, max_new_tokens_turn2=3, max_turns=3, max_response_tokens=40,

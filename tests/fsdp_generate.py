@@ -17,7 +17,7 @@ import torch.distributed as dist
 import generation
 import rollout
 from model import load_policy, shard_model
-from synthetic import synthetic_samples
+from demo.synthetic import synthetic_samples
 
 
 class StopEarlyOnRankZero(generation.StopAtPattern):

@@ -22,7 +22,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 import generation
 import rollout
 from model import full_state_dict, gathered, load_policy
-from synthetic import synthetic_samples
+from demo.synthetic import synthetic_samples
 from tests.fsdp_generate import StopEarlyOnRankZero
 
 ALL_GATHERS = {"n": 0}

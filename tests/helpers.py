@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import torch
 
 from rollout import mgpo_rollout
-from synthetic import synthetic_samples
+from demo.synthetic import synthetic_samples
 
 # train_mgpo.py's defaults run the CPU demo; most tests want the random tiny model at the old small sizes
 TINY_MGPO = ["--model", "tiny", "--batch_size", "4", "--num_generations", "4", "--micro_batch_size", "4",

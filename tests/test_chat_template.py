@@ -30,8 +30,8 @@ from model import load_policy
 from prompts import MGPO_PROMPTS, TOOL_PROMPTS, ZOOM_TOOL
 from rollout import (append_sampled, apply_turn1_box, close_assistant_turn, expand_image_pads, mgpo_rollout,
                      start_trajectory, tool_rollout, tool_step)
-from synthetic import synthetic_samples
-from tiny import TINY_BASE, TINY_TOOL_BASE
+from demo.synthetic import synthetic_samples
+from demo.tiny import TINY_BASE, TINY_TOOL_BASE
 
 QWEN25_VL_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"

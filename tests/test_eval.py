@@ -18,7 +18,7 @@ from crop import crop_original, resize_for_model
 from data import Sample
 from eval import (Config, accuracy, by_first_crop, evaluate, first_crop_class, protocol_samples, rank_share,
                   shuffle_options)
-from synthetic import synthetic_samples
+from demo.synthetic import synthetic_samples
 from tests.test_fsdp import ROOT
 
 FAST = ["--num_synthetic", "4", "--max_new_tokens", "8", "--max_new_tokens_turn1", "12", "--max_new_tokens_turn2",

@@ -11,14 +11,14 @@ import torch
 from config import parse_config
 from crop import coverage, is_valid_box, parse_box, parse_tool_call, to_original
 import numpy as np
-from synthetic import FRAME_COLOURS
-from make_base import (PLACES, Config, box_ids, build_base_tokenizer, build_model, freeze_language_model, make_base,
+from demo.synthetic import FRAME_COLOURS
+from demo.make_base import (PLACES, Config, box_ids, build_base_tokenizer, build_model, freeze_language_model, make_base,
                        make_conversations, make_pointing_examples, make_reading_examples, mgpo_turn1_ids,
                        reading_accuracy, sft, template_batches, tool_turn1_ids)
 from model import load_policy
 from answers import extract_answer_tag, extract_boxed
 from rollout import mgpo_rollout
-from tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, check_prompt_fingerprint
+from demo.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, check_prompt_fingerprint
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 SMALL = ["--num_images", "6", "--steps", "3", "--batch_size", "2", "--log_every", "1", "--hidden_size", "32",
@@ -191,13 +191,13 @@ def test_a_few_sft_steps_save_a_checkpoint_whose_boxes_parse(tmp_path):
     assert any(line.startswith("formats step 3/3 loss") for line in lines)
     model, tok, processor = load_policy(out, torch.device("cpu"), torch.float32)
     assert model.config.text_config.hidden_size == 32
-    check_prompt_fingerprint(out, "make_base.py")  # stops unless today's fingerprint was stored beside the base
+    check_prompt_fingerprint(out, "demo.make_base")  # stops unless today's fingerprint was stored beside the base
     # sampling from an almost untrained base: force the prefix of the format and let it write the numbers
     run = SimpleNamespace(global_max_pixels=TINY_MAX_PIXELS, crop_max_pixels=TINY_MAX_PIXELS,
                           min_pixels=TINY_MIN_PIXELS, max_new_tokens_turn1=48, max_new_tokens_turn2=4,
                           temperature=1.0, do_sample=True, rollout_batch_size=0,
                           min_box_side=28, probe="none")
-    from synthetic import synthetic_samples
+    from demo.synthetic import synthetic_samples
     torch.manual_seed(0)
     trajs = mgpo_rollout(model, tok, processor, synthetic_samples(2, seed=3), 2, run)
     assert len(trajs) == 4 and all(len(t.texts) == 2 for t in trajs)

@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import make_base
-import tiny
+from demo import make_base
+from demo import tiny
 from config import parse_config
 from crop import parse_tool_call
-from make_tool_base import Config, make_tool_base
+from demo.make_tool_base import Config, make_tool_base
 from prompts import TOOL_PROMPTS
-from tiny import TINY_BASE, check_prompt_fingerprint, resolve_model_path
+from demo.tiny import TINY_BASE, check_prompt_fingerprint, resolve_model_path
 
 
 def test_a_few_steps_on_tool_conversations_only_change_the_base(tmp_path, monkeypatch):
@@ -38,11 +38,11 @@ def test_a_few_steps_on_tool_conversations_only_change_the_base(tmp_path, monkey
     assert any(not torch.equal(before[k], after[k]) for k in before)  # two AdamW steps moved the weights
     vocab = lambda path: json.loads(open(f"{path}/tokenizer.json").read())["model"]["vocab"]
     assert vocab(out) == vocab(TINY_BASE)  # the base's tokenizer: one token per coordinate
-    check_prompt_fingerprint(str(out), "make_tool_base.py")  # stops unless today's fingerprint was stored beside it
+    check_prompt_fingerprint(str(out), "demo.make_tool_base")  # stops unless today's fingerprint was stored beside it
 
 
 def test_tiny_tool_base_resolves_to_its_checkpoint_or_names_the_rebuild(tmp_path, monkeypatch):
     assert resolve_model_path("tiny-tool-base", str(tmp_path)) == tiny.TINY_TOOL_BASE
-    monkeypatch.setitem(tiny.COMMITTED, "tiny-tool-base", (str(tmp_path / "missing"), "make_tool_base.py"))
-    with pytest.raises(SystemExit, match="tiny-tool-base.*python make_tool_base.py"):
+    monkeypatch.setitem(tiny.COMMITTED, "tiny-tool-base", (str(tmp_path / "missing"), "demo.make_tool_base"))
+    with pytest.raises(SystemExit, match="tiny-tool-base.*python -m demo.make_tool_base"):
         resolve_model_path("tiny-tool-base", str(tmp_path))

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
 from model import check_checkpoint_dir, load_policy, save_policy
-from tiny import SPECIAL_TOKENS, build_tiny
+from demo.tiny import SPECIAL_TOKENS, build_tiny
 import pytest
 
 

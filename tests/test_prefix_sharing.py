@@ -13,7 +13,7 @@ import rollout
 from bench import group_prefill_row, lfpc_round_row
 from data import Sample
 from rollout import fork, mgpo_rollout, start_trajectory, tool_rollout
-from synthetic import synthetic_samples
+from demo.synthetic import synthetic_samples
 from tests.test_rollout import BOXES, CFG, training_gap
 
 TOOL = SimpleNamespace(global_max_pixels=224 * 224, crop_max_pixels=56 * 56, min_pixels=28 * 28, max_turns=5,

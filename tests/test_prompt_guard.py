@@ -11,8 +11,8 @@ from dataclasses import replace
 
 import pytest
 
-import tiny
-from tiny import COMMITTED, FINGERPRINT_FILE, build_tiny_tokenizer, prompt_fingerprint, resolve_model_path
+from demo import tiny
+from demo.tiny import COMMITTED, FINGERPRINT_FILE, build_tiny_tokenizer, prompt_fingerprint, resolve_model_path
 
 
 def vocab_and_merges(tokenizer_json: dict):
@@ -47,13 +47,13 @@ def test_an_edited_prompt_stops_the_base_naming_what_changed_and_the_ways_out(tm
     message = str(stop.value)
     assert "checkpoints/tiny-base " in message
     assert "(changed: MGPO_PROMPTS.turn1, tokenizer_corpus)" in message  # in the corpus, so both
-    assert "revert the strings" in message and "`python make_base.py`" in message
+    assert "revert the strings" in message and "`python -m demo.make_base`" in message
 
 
 def test_a_prompt_outside_the_corpus_still_counts(tmp_path, monkeypatch):
     # the bases were trained on direct-answer conversations, though the tokenizer never saw this prompt
     monkeypatch.setattr(tiny, "DIRECT_PROMPT", tiny.DIRECT_PROMPT.replace("directly", "only"))
-    expected = r"tiny-tool-base was built from \(changed: DIRECT_PROMPT\).*`python make_tool_base.py`"
+    expected = r"tiny-tool-base was built from \(changed: DIRECT_PROMPT\).*`python -m demo.make_tool_base`"
     with pytest.raises(SystemExit, match=expected):
         resolve_model_path("tiny-tool-base", str(tmp_path))
 
@@ -61,8 +61,8 @@ def test_a_prompt_outside_the_corpus_still_counts(tmp_path, monkeypatch):
 def test_a_base_without_a_fingerprint_names_the_rebuild(tmp_path, monkeypatch):
     base = tmp_path / "old-base"
     shutil.copytree(tiny.TINY_BASE, base, ignore=shutil.ignore_patterns(FINGERPRINT_FILE, "*.safetensors"))
-    monkeypatch.setitem(COMMITTED, "tiny-base", (str(base), "make_base.py"))
-    with pytest.raises(SystemExit, match=f"{base} has no {FINGERPRINT_FILE}.*`python make_base.py`"):
+    monkeypatch.setitem(COMMITTED, "tiny-base", (str(base), "demo.make_base"))
+    with pytest.raises(SystemExit, match=f"{base} has no {FINGERPRINT_FILE}.*`python -m demo.make_base`"):
         resolve_model_path("tiny-base", str(tmp_path))
     # what the builders write after saving a base makes it usable again
     tiny.write_prompt_fingerprint(str(base))

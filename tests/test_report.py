@@ -11,7 +11,7 @@ from model import load_policy
 from report import held_out, running_mean, table
 from tests.held_out_uneven import MODES, held_out_config, held_out_rollout
 from tests.test_eval import torchrun_or_stop
-from tiny import COMMITTED
+from demo.tiny import COMMITTED
 
 
 def test_running_mean_by_hand_and_against_numpy():

@@ -16,7 +16,7 @@ from grpo import batch_logprobs
 from generation import JSON_BLOCK_END, StopAtPattern, end_of_turn_ids, forbidden_token_ids
 from prompts import MGPO_PROMPTS
 from rollout import close_assistant_turn, expand_image_pads, mgpo_rollout
-from synthetic import synthetic_samples
+from demo.synthetic import synthetic_samples
 
 CFG = SimpleNamespace(global_max_pixels=224 * 224, crop_max_pixels=112 * 112, min_pixels=28 * 28,
                       max_new_tokens_turn1=24, max_new_tokens_turn2=12, temperature=1.0, micro_batch_size=8,

@@ -15,7 +15,7 @@ import rollout
 from data import Sample
 from generation import chunks
 from rollout import mgpo_rollout, tool_rollout
-from synthetic import synthetic_samples
+from demo.synthetic import synthetic_samples
 from tests.test_fsdp import torchrun
 
 GREEDY = dict(global_max_pixels=224 * 224, crop_max_pixels=112 * 112, min_pixels=28 * 28, temperature=1.0,

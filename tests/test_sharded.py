@@ -7,7 +7,7 @@ import re
 import pytest
 
 from tests.test_fsdp import torchrun
-from tiny import TINY_TEXT
+from demo.tiny import TINY_TEXT
 
 MAX_NEW_TOKENS = 12  # tests/fsdp_sharded.py's greedy generate
 

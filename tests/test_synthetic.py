@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from data import LETTERS, Sample
-from synthetic import FRAME_COLOURS, FRAME_GAP, FRAME_THICKNESS, PATTERNS, TARGET_SIDE, synthetic_samples
+from demo.synthetic import FRAME_COLOURS, FRAME_GAP, FRAME_THICKNESS, PATTERNS, TARGET_SIDE, synthetic_samples
 
 DOWNSCALED = 224
 # Largest std of the downscaled interior over 100 samples was 0.31 (grey levels, 0..255); at full resolution the

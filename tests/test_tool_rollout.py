@@ -12,7 +12,7 @@ from data import Sample
 from grpo import batch_logprobs
 from prompts import TOOL_PROMPTS
 from rollout import tool_rollout, visual_tokens
-from synthetic import synthetic_samples
+from demo.synthetic import synthetic_samples
 
 CFG = SimpleNamespace(global_max_pixels=224 * 224, crop_max_pixels=56 * 56, min_pixels=28 * 28, max_turns=5,
                       max_response_tokens=100, max_new_tokens_per_turn=6, temperature=1.0, micro_batch_size=4,

@@ -17,7 +17,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from data import format_choices
 from prompts import DIRECT_PROMPT, DIRECT_SYSTEM, MGPO_PROMPTS, TOOL_PROMPTS
-from synthetic import synthetic_samples
+from demo.synthetic import synthetic_samples
 
 # Qwen2.5's added tokens, in Qwen's order, so that the tiny model's prompts look exactly like a real model's.
 SPECIAL_TOKENS = [
@@ -54,7 +54,7 @@ TINY_TOOL_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "check
 # The demo's 224-px global views show the red frame 24-28 px wide, and the committed bases box it tightly at 28 px:
 # the demo scripts accept sides over 27 (MGPO's rule, > 28, would make the base's tight boxes invalid).
 DEMO_MIN_BOX_SIDE = 27
-COMMITTED = {"tiny-base": (TINY_BASE, "make_base.py"), "tiny-tool-base": (TINY_TOOL_BASE, "make_tool_base.py")}
+COMMITTED = {"tiny-base": (TINY_BASE, "demo.make_base"), "tiny-tool-base": (TINY_TOOL_BASE, "demo.make_tool_base")}
 FINGERPRINT_FILE = "prompt_fingerprint.json"  # beside a base: the sha256 of each text it was built from
 
 
@@ -113,7 +113,7 @@ def resolve_model_path(name, workdir):
     if name in COMMITTED:
         path, script = COMMITTED[name]
         if not os.path.exists(os.path.join(path, "config.json")):
-            raise SystemExit(f"error: --model {name}: no checkpoint at {path}; rebuild it with `python {script}`")
+            raise SystemExit(f"error: --model {name}: no checkpoint at {path}; rebuild it with `python -m {script}`")
         check_prompt_fingerprint(path, script)
         return path
     if name != "tiny":
@@ -159,7 +159,7 @@ def check_prompt_fingerprint(path, script):
     stored_file = os.path.join(path, FINGERPRINT_FILE)
     if not os.path.exists(stored_file):
         raise SystemExit(f"error: the base {path} has no {FINGERPRINT_FILE}, so nothing says which prompt strings "
-                         f"it was built from; rebuild it with `python {script}`")
+                         f"it was built from; rebuild it with `python -m {script}`")
     with open(stored_file, encoding="utf-8") as f:
         stored = json.load(f)
     today = prompt_fingerprint()
@@ -168,4 +168,4 @@ def check_prompt_fingerprint(path, script):
         raise SystemExit(
             f"error: the prompt strings are not those the base {path} was built from (changed: {', '.join(changed)}). "
             f"Its tokenizer was trained on those strings and its weights on conversations in them, so it no longer "
-            f"fits the code. Either revert the strings, or rebuild the base with `python {script}` and commit it.")
+            f"fits the code. Either revert the strings, or rebuild the base with `python -m {script}` and commit it.")

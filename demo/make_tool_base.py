@@ -1,6 +1,6 @@
 """The LFPC demo's base: tiny-base (make_base.py) with its tool-call template trained further.
 
-    python make_tool_base.py                 # writes checkpoints/tiny-tool-base (committed; ~12 minutes, 1 thread)
+    python -m demo.make_tool_base            # writes demo/checkpoints/tiny-tool-base (committed; ~12 minutes, 1 thread)
     python train_lfpc.py --stage 1 --model tiny-tool-base ...    # README, "LFPC on the demo"
 
 tiny-base saw the tool template in a quarter of its format conversations, and sampled at temperature 1 its tool
@@ -21,16 +21,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
-import make_base
+from demo import make_base
 from config import opt, parse_config
 from model import load_policy, save_policy
-from tiny import TINY_BASE, TINY_MIN_PIXELS, TINY_TOOL_BASE, check_prompt_fingerprint, write_prompt_fingerprint
+from demo.tiny import TINY_BASE, TINY_MIN_PIXELS, TINY_TOOL_BASE, check_prompt_fingerprint, write_prompt_fingerprint
 
 
 @dataclass
 class Config:
-    base: str = opt(TINY_BASE, "checkpoints/tiny-base")
-    output_dir: str = opt(TINY_TOOL_BASE, "checkpoints/tiny-tool-base")
+    base: str = opt(TINY_BASE, "demo/checkpoints/tiny-base")
+    output_dir: str = opt(TINY_TOOL_BASE, "demo/checkpoints/tiny-tool-base")
     seed: int = opt(0, "the conversations' and batches' random streams (seed + 5, seed + 6)")
     data_seed: int = opt(4247, "synthetic images: make_base's data_seed + 5, unused by the base")
     num_images: int = opt(800, "each gives make_base's convs_per_image (2) tool conversations")
@@ -42,7 +42,7 @@ class Config:
 
 
 def make_tool_base(cfg, log=print):
-    check_prompt_fingerprint(cfg.base, "make_base.py")  # a stale tiny-base would hand on its stale tokenizer
+    check_prompt_fingerprint(cfg.base, "demo.make_base")  # a stale tiny-base would hand on its stale tokenizer
     torch.manual_seed(cfg.seed)
     sft_cfg = replace(make_base.Config(), tool_fraction=1.0, direct_fraction=0.0, num_images=cfg.num_images,
                       data_seed=cfg.data_seed, warmup_steps=cfg.warmup_steps)

@@ -1,7 +1,7 @@
 """A tiny BASE model for the CPU demo of MGPO: it plays the part of a pretrained VLM that follows the formats, can
 read a clear crop and can box a named object, but has no trained sense of where to look for the question.
 
-    python make_base.py                      # writes checkpoints/tiny-base (committed; ~70 minutes, 1 thread)
+    python -m demo.make_base                 # writes demo/checkpoints/tiny-base (committed; ~70 minutes, 1 thread)
     python train_mgpo.py                     # the demo: MGPO from that base (README, "Quick start")
 
 Supervised fine-tuning (plain PyTorch, CPU) of a freshly built tiny Qwen2.5-VL, with the loss on assistant tokens
@@ -31,14 +31,14 @@ from model import save_policy
 from prompts import DIRECT_PROMPT, DIRECT_SYSTEM, MGPO_PROMPTS, TOOL_PROMPTS
 from rollout import (Trajectory, append_sampled, append_user_turn, cut_crop, encode_images, encode_prompt,
                      start_groups)
-from synthetic import synthetic_samples
-from tiny import (SPECIAL_TOKENS, TINY_BASE, TINY_MAX_PIXELS, TINY_MIN_PIXELS, build_tiny_tokenizer,
+from demo.synthetic import synthetic_samples
+from demo.tiny import (SPECIAL_TOKENS, TINY_BASE, TINY_MAX_PIXELS, TINY_MIN_PIXELS, build_tiny_tokenizer,
                   write_prompt_fingerprint)
 
 
 @dataclass
 class Config:
-    output_dir: str = opt(TINY_BASE, "checkpoints/tiny-base next to this file")
+    output_dir: str = opt(TINY_BASE, "demo/checkpoints/tiny-base next to this file")
     seed: int = opt(0, "weights, examples, batches: same seed, same checkpoint")
     data_seed: int = opt(4242, "synthetic images of the SFT set (train_mgpo uses 0, eval 1000003)")
     num_images: int = opt(1200, "synthetic images; each gives `convs_per_image` conversations")
