@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import yaml
 from transformers import HfArgumentParser
 
+from family import FAMILIES
 from memory import CONFIGS, load_model_config
 
 
@@ -123,6 +124,9 @@ RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 def check_config(cfg, world_size, extra=()):
     """Stop at start-up, naming the flag, when a value cannot work. `extra`: the recipe's own (ok, message)."""
     per_rank_trajs = cfg.batch_size // max(world_size, 1) * cfg.num_generations
+    # the model is not loaded yet: a budget under one visual token of every family stops here, one under the
+    # loaded model's own token (Qwen3-VL: 32 x 32 px) in `rollout_config`
+    floor = min(f.factor for f in FAMILIES) ** 2
     checks = [
         (cfg.num_generations >= 2, "--num_generations must be >= 2 (group advantages need a group)"),
         (cfg.batch_size % world_size == 0, f"--batch_size {cfg.batch_size} is not divisible by {world_size} ranks"),
@@ -139,10 +143,10 @@ def check_config(cfg, world_size, extra=()):
         (cfg.clip_ratio_c == 0 or cfg.clip_ratio_c > 1, f"--clip_ratio_c {cfg.clip_ratio_c} must be > 1 (or 0: off)"),
         (cfg.kl_clamp >= 0 and cfg.tis_cap >= 0, "--kl_clamp and --tis_cap must be >= 0 (0: off)"),
         (cfg.temperature > 0, "--temperature must be > 0"),
-        (cfg.global_max_pixels == 0 or cfg.global_max_pixels >= 28 * 28,
-         "--global_max_pixels must be >= 784 (one visual token) or 0"),
-        (cfg.crop_max_pixels == 0 or cfg.crop_max_pixels >= 28 * 28,
-         "--crop_max_pixels must be >= 784 (one visual token) or 0"),
+        (cfg.global_max_pixels == 0 or cfg.global_max_pixels >= floor,
+         f"--global_max_pixels must be >= {floor} (one visual token) or 0"),
+        (cfg.crop_max_pixels == 0 or cfg.crop_max_pixels >= floor,
+         f"--crop_max_pixels must be >= {floor} (one visual token) or 0"),
         (cfg.save_steps >= 0 and cfg.save_total_limit >= 0, "--save_steps and --save_total_limit must be >= 0"),
         (cfg.max_nonfinite_steps >= 1, "--max_nonfinite_steps must be >= 1"),
         (cfg.eval_samples >= 0 and cfg.eval_samples % world_size == 0,
@@ -201,10 +205,17 @@ def rollout_config(cfg, image_processor, **changes):
     the 0 (= the checkpoint's default) pixel budgets resolved from `image_processor`. Fields that `cfg` does not
     declare keep RolloutConfig's defaults (an MGPO config has no max_turns); `changes` override. E.g. a processor
     with size {"shortest_edge": 3136, "longest_edge": 12845056} and --global_max_pixels 0 --crop_max_pixels 0:
-    min_pixels 3136, global_max_pixels 12845056, crop_max_pixels 12845056."""
+    min_pixels 3136, global_max_pixels 12845056, crop_max_pixels 12845056. A budget under one visual token of
+    the model (patch x merge squared: 784 px for Qwen2.5-VL, 1024 for Qwen3-VL) stops, naming the flag."""
     names = {f.name for f in dataclasses.fields(RolloutConfig)}
     own = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in names}
     global_max = cfg.global_max_pixels or image_processor.size["longest_edge"]
-    return RolloutConfig(**{**own, "min_pixels": image_processor.size["shortest_edge"],
+    rcfg = RolloutConfig(**{**own, "min_pixels": image_processor.size["shortest_edge"],
                             "global_max_pixels": global_max, "crop_max_pixels": cfg.crop_max_pixels or global_max,
                             **changes})
+    token = (image_processor.patch_size * image_processor.merge_size) ** 2
+    for name in ("global_max_pixels", "crop_max_pixels"):
+        if getattr(rcfg, name) < token:
+            raise SystemExit(f"error: --{name} {getattr(rcfg, name)} is under one visual token of this model "
+                             f"({token} pixels)")
+    return rcfg

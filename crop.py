@@ -1,8 +1,9 @@
 """
-Geometry for grounding-based cropping of Qwen2.5-VL inputs.
+Geometry for grounding-based cropping, family-free: the resize factor (28 for Qwen2.5-VL, 32 for Qwen3-VL) comes in
+as an argument from `family.Family.factor`, and a model's own coordinate frame is mapped by `Family.to_original`.
 
 The model never sees the original image: it sees a copy resized by the Qwen rule (`smart_resize`), and the boxes
-it writes are in the pixels of that copy. A crop must come from the full-resolution original, so every box goes
+it writes are about that copy. A crop must come from the full-resolution original, so every box goes
 through `to_original` first. Keeping the resize rule, the box parsers, the mapping and the metrics in one file means
 there is exactly one place where a coordinate can go wrong.
 
@@ -17,20 +18,19 @@ import reprlib
 
 from PIL import Image
 
-FACTOR = 28  # ViT patch 14 * spatial merge 2: one visual token covers 28 x 28 input pixels
 MAX_ASPECT_RATIO = 200  # Qwen's image processor refuses anything more elongated
 
 # -----------------------------------------------------------------------------
 # the Qwen resize rule
 
 
-def smart_resize(height, width, min_pixels, max_pixels, factor=FACTOR):
+def smart_resize(height, width, min_pixels, max_pixels, factor):
     """
-    Return the (height, width) Qwen2.5-VL resizes an image to: both sides multiples of `factor`, the aspect ratio
-    kept, and h*w within [min_pixels, max_pixels]. Same arithmetic, in the same order, as transformers'
-    `smart_resize`, so the result is bit-identical to the size the image processor picks.
+    Return the (height, width) a Qwen image processor resizes an image to: both sides multiples of `factor`, the
+    aspect ratio kept, and h*w within [min_pixels, max_pixels]. Same arithmetic, in the same order, as
+    transformers' `smart_resize`, so the result is bit-identical to the size the image processor picks.
 
-    Example with the Qwen2.5-VL default budget max_pixels = 1280*28*28 = 1003520:
+    Example with Qwen2.5-VL's factor 28 and its default budget max_pixels = 1280*28*28 = 1003520:
         3000 x 4000 (h x w) rounds to 2996 x 4004 (12.0 Mpx, too many), so both sides shrink by
         beta = sqrt(3000*4000 / 1003520) = 3.458 and round *down* to multiples of 28: 840 x 1148.
     Rounding of sides is Python's round (halves to even): a 70 px side (2.5 patches) becomes 56, a 98 px side 112.
@@ -59,14 +59,15 @@ def smart_resize(height, width, min_pixels, max_pixels, factor=FACTOR):
     return h_bar, w_bar
 
 
-def resize_for_model(image, min_pixels, max_pixels):
+def resize_for_model(image, min_pixels, max_pixels, factor):
     """
-    Resize an image to the size the model sees (RGB, bicubic like the HF image processor). Boxes the model emits
-    are in the pixel frame of this image. Resizing twice changes nothing: a size whose sides are multiples of 28
+    Resize an image to the size the model sees (RGB, bicubic like the HF image processor); `factor` is the
+    family's (`Family.factor`). Boxes the model emits are about this image (in its pixels for an absolute frame).
+    Resizing twice changes nothing: a size whose sides are multiples of `factor`
     and whose area is within [min_pixels, max_pixels] maps to itself (only the extreme cases where smart_resize
     itself lands outside the budget, see there, would move again).
     """
-    height, width = smart_resize(image.height, image.width, min_pixels, max_pixels)
+    height, width = smart_resize(image.height, image.width, min_pixels, max_pixels, factor)
     return image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
 
 
@@ -181,7 +182,7 @@ def parse_tool_call(text: str) -> tuple[list[float] | None, str | None] | None:
 def to_original(box, input_size, original_size):
     """
     Map a box from model-input pixels to original-image pixels. Sizes are (width, height). Each axis has its own
-    scale factor, sx = W_orig / w_in and sy = H_orig / h_in, because rounding sides to multiples of 28 changes
+    scale factor, sx = W_orig / w_in and sy = H_orig / h_in, because rounding sides to multiples of the factor changes
     the aspect ratio slightly.
     Example: a 4000 x 3000 original is shown as 1148 x 840 (default budget), so sx = 3.4843 and sy = 3.5714;
     the box [287, 210, 574, 420] on the model input is [1000, 750, 2000, 1500] on the original.
@@ -204,7 +205,7 @@ def to_input(box, input_size, original_size):
 # validity and cropping
 
 
-def is_valid_box(box, input_size, min_side=FACTOR, max_aspect=100.0):
+def is_valid_box(box, input_size, min_side, max_aspect=100.0):
     """
     MGPO's test for a usable box, in model-input pixels with input_size = (w, h). Valid iff the box lies inside
     the image (0 <= x1 < x2 <= w, 0 <= y1 < y2 <= h), both sides are strictly longer than `min_side` pixels

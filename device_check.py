@@ -22,12 +22,11 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.distributed._tools.mem_tracker import MemTracker
-from transformers import Qwen2_5_VLForConditionalGeneration
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import memory
 from config import rollout_config
 from data import Sample
+from family import family_of
 from grpo import group_advantages, grpo_update
 from model import gathered, shard_model
 from prompts import MGPO_PROMPTS
@@ -54,8 +53,9 @@ def model_config(mode, tokenizer):
     """configs/qwen2_5_vl_7b.json with the mode's changes (fewer layers; tiny widths for --small), and the vision
     token ids of `tokenizer` (the tiny one: its ids differ from Qwen's)."""
     config = memory.load_model_config(os.path.join(memory.CONFIGS, "qwen2_5_vl_7b.json"))
-    for name, token in [("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-                        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]:
+    family = family_of(config)
+    for name, token in [("image_token_id", family.image_pad), ("video_token_id", family.video_pad),
+                        ("vision_start_token_id", family.vision_start), ("vision_end_token_id", family.vision_end)]:
         setattr(config, name, tokenizer.convert_tokens_to_ids(token))
     config.text_config.update(SHAPES[mode]["text"])
     config.vision_config.update(SHAPES[mode]["vision"])
@@ -143,7 +143,7 @@ def samples(mode, n, seed):
 def text_tokens(traj):
     """(prompt text, later-turn text) tokens of an MGPO trajectory: all that is neither sampled nor visual."""
     first_sampled = traj.loss_mask.index(1)
-    visual = [int(g.prod()) // 4 for g in traj.image_grid_thw]
+    visual = [traj.family.tokens_per_image(g) for g in traj.image_grid_thw]
     prompt = first_sampled - visual[0]
     return prompt, len(traj.input_ids) - sum(traj.loss_mask) - sum(visual) - prompt
 
@@ -152,8 +152,9 @@ def decode_ms_per_token(ctx, cfg, prompts, new_tokens):
     """Milliseconds per decoded token of one generate call of `rollout_batch_size` rows with gathered weights:
     (time for 1 + new_tokens tokens - time for 1) / new_tokens, so prefill and vision do not count (after a
     warm-up call)."""
-    trajs, _ = start_groups(prompts, ctx.tokenizer, ctx.image_processor, cfg.num_generations, ctx.rollout,
-                            MGPO_PROMPTS.system, lambda s: MGPO_PROMPTS.turn1.format(question=s.question))
+    trajs, _ = start_groups(prompts, ctx.tokenizer, ctx.image_processor, family_of(ctx.model.config),
+                            cfg.num_generations, ctx.rollout, MGPO_PROMPTS.system,
+                            lambda s: MGPO_PROMPTS.turn1.format(question=s.question))
     trajs = trajs[:cfg.rollout_batch_size]
     seconds = []
     with gathered(ctx.model):
@@ -182,12 +183,12 @@ def main(argv=None):
     torch.manual_seed(0)
     tokenizer = build_tiny_tokenizer()
     config = model_config(mode, tokenizer)
+    family = family_of(config)
     cfg = run_config(mode, args.gradient_checkpointing == "true")
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32,
-                                                                attn_implementation="sdpa")
+        model = family.model_class._from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     model = shard_model(model.eval(), torch.bfloat16)  # fp32 master weights, bf16 compute: training's setup
-    processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=cfg.global_max_pixels)
+    processor = family.image_processor_class(min_pixels=family.factor ** 2, max_pixels=cfg.global_max_pixels)
     ctx = SimpleNamespace(device=device, model=model, tokenizer=tokenizer, image_processor=processor,
                           rollout=rollout_config(cfg, processor))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)

@@ -11,6 +11,8 @@ instead of naming Qwen2.5-VL's classes, tokens or numbers. What each caller read
     tokens_per_image                     placeholder counts, visual-token metrics, memory.py's budgets
     to_original, to_frame                cutting a crop (model frame -> original pixels), box metrics, demo bases
     lm_head, final_norm, language_model  grpo's log-probs (hidden states after the final norm, lm_head weight)
+    recurrent_cache                      generation.continues_from_cache: re-encode instead of continuing a turn
+    frame                                prompts.prompts_for: the recipes' strings ask for boxes in this frame
 
 The image token ids themselves are read from the checkpoint (`config.image_token_id`, ...): a family names the
 tokens, the tokenizer numbers them.
@@ -18,8 +20,11 @@ tokens, the tokenizer numbers them.
 
 from dataclasses import dataclass
 
-from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen3_5ForConditionalGeneration,
+                          Qwen3VLForConditionalGeneration)
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
+from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5DecoderLayer, Qwen3_5VisionBlock
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextDecoderLayer, Qwen3VLVisionBlock
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from crop import to_original as rescale
@@ -32,7 +37,8 @@ class Family:
     """One model family: its classes, its image tokens, its patching and the frame its boxes are written in.
 
     frame: 'absolute' = pixels of the resized model input (Qwen2.5-VL), 'relative' = 0..1000 of the image on
-    each axis, whatever its size (Qwen3-VL). Module paths are for `model.get_submodule`, valid sharded or not."""
+    each axis, whatever its size (Qwen3-VL, Qwen3.5). Module paths are for `model.get_submodule`, valid sharded or
+    not."""
     name: str
     model_types: tuple                  # config.model_type values that are this family
     model_class: type                   # the HF ...ForConditionalGeneration
@@ -41,6 +47,10 @@ class Family:
     patch_size: int                     # ViT patch side in input pixels
     merge_size: int                     # merge_size x merge_size patches become one visual token
     frame: str                          # 'absolute' or 'relative'
+    # True when decoder layers keep a recurrent state (Qwen3.5's Gated DeltaNet layers): such a cache cannot be
+    # cropped back to a shorter length, and columns fed after a row stopped enter its state even when masked.
+    # generation.py (W3, issue 26) reads it to take the path that keeps rollout and training log-probs equal.
+    recurrent_cache: bool = False
     image_pad: str = "<|image_pad|>"    # one per visual token
     video_pad: str = "<|video_pad|>"
     vision_start: str = "<|vision_start|>"
@@ -77,6 +87,12 @@ class Family:
         to the model). Absolute, 448 x 336 of 1792 x 1344: [448, 336, 896, 672] -> [112, 84, 224, 168]."""
         return rescale(box, original_size, self.frame_size(input_size))
 
+    def input_pixels(self, box, input_size):
+        """A box in the model's frame -> pixels of the model input, where `crop.is_valid_box` checks sizes; an
+        absolute box is returned as written (not rescaled by 1, which could move it by a rounding error).
+        Relative, a 448 x 336 input: [250, 250, 500, 500] -> [112, 84, 224, 168]."""
+        return list(box) if self.frame == "absolute" else self.to_original(box, input_size, input_size)
+
     def vision_tower(self, model):
         return model.get_submodule(self.vision_tower_path)
 
@@ -96,7 +112,22 @@ QWEN2_5_VL = Family(
     image_processor_class=Qwen2VLImageProcessorPil, fsdp_units=(Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock),
     patch_size=14, merge_size=2, frame="absolute")
 
-FAMILIES = (QWEN2_5_VL,)
+# Grounds in 0..1000 relative coordinates (Qwen3-VL's technical report and cookbooks); DeepStack visual features
+# reach early decoder layers through the model's own forward, so nothing here names them.
+QWEN3_VL = Family(
+    name="Qwen3-VL", model_types=("qwen3_vl",), model_class=Qwen3VLForConditionalGeneration,
+    image_processor_class=Qwen2VLImageProcessorPil, fsdp_units=(Qwen3VLTextDecoderLayer, Qwen3VLVisionBlock),
+    patch_size=16, merge_size=2, frame="relative")
+
+# Qwen3-VL's vision tower (no DeepStack) before a hybrid decoder: 3 of every 4 layers Gated DeltaNet, with a
+# recurrent and a convolution state in the cache. The relative frame is assumed from Qwen3-VL, whose vision
+# stack it reuses: not measured on a released Qwen3.5 checkpoint.
+QWEN3_5 = Family(
+    name="Qwen3.5", model_types=("qwen3_5",), model_class=Qwen3_5ForConditionalGeneration,
+    image_processor_class=Qwen2VLImageProcessorPil, fsdp_units=(Qwen3_5DecoderLayer, Qwen3_5VisionBlock),
+    patch_size=16, merge_size=2, frame="relative", recurrent_cache=True)
+
+FAMILIES = (QWEN2_5_VL, QWEN3_VL, QWEN3_5)
 
 
 def family_of(config):

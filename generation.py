@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, StoppingCriteria
 
 from distributed import is_sharded, max_over_ranks
+from family import family_of
 
 # ---------------------------------------------------------------------------------------------------------------
 # Batching conversations for generate and for the training forward.
@@ -90,9 +91,11 @@ JSON_BLOCK_END = r"```json.*?```"           # MGPO turn 1: the box block is comp
 TOOL_TURN_END = r"</tool_call>|</answer>"  # tool recipe: a call to run, or the answer
 
 
-def forbidden_token_ids(tokenizer):
-    """Ids the policy may never sample: a sampled image placeholder or vision-start breaks the next forward."""
-    return tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>"])
+def forbidden_token_ids(model, tokenizer):
+    """Ids the policy may never sample: a sampled image placeholder or vision-start breaks the next forward. The
+    tokens are the model family's (`family.Family`), numbered by the tokenizer."""
+    family = family_of(model.config)
+    return tokenizer.convert_tokens_to_ids([family.image_pad, family.video_pad, family.vision_start])
 
 
 def end_of_turn_ids(model, tokenizer):
@@ -110,19 +113,21 @@ class TurnCache:
     `sequences` [B, W]: the left-padded prompts and the sampled columns. `attention_mask` [B, W]: 1 on each row's
     prompt and the sampled tokens it kept, 0 on left pads and on what generate made after the row had stopped, so
     row r's conversation so far is `sequences[r][attention_mask[r] == 1]`. `past_key_values`: the keys and values
-    of the first W - 1 columns (the last sampled token was never fed back). E.g. prompts [[5, 6], [7]], row 0
-    stops after 1 token, row 1 samples 2: sequences [[5, 6, 8, pad], [pad, 7, 3, 4]], attention_mask
-    [[1, 1, 1, 0], [0, 1, 1, 1]], a cache of 3 columns."""
+    of the first W - 1 columns (the last sampled token was never fed back), or None for a family whose cache holds
+    a recurrent state (`continues_from_cache`): the next turn then encodes the whole conversation. E.g. prompts
+    [[5, 6], [7]], row 0 stops after 1 token, row 1 samples 2: sequences [[5, 6, 8, pad], [pad, 7, 3, 4]],
+    attention_mask [[1, 1, 1, 0], [0, 1, 1, 1]], a cache of 3 columns."""
     sequences: torch.Tensor
     attention_mask: torch.Tensor
-    past_key_values: DynamicCache
+    past_key_values: DynamicCache | None
 
     def select(self, rows):
         """Keep only `rows` (e.g. the episodes still going), in that order, for the next turn to continue from;
         the cache is changed in place. E.g. 4 rows, rows [0, 2] -> sequences [2, W], a cache of [2, heads, W - 1,
         head dim] per layer. The columns stay: a column all pads in the kept rows is masked, never attended."""
         index = torch.tensor(rows, dtype=torch.long, device=self.sequences.device)
-        self.past_key_values.batch_select_indices(index)
+        if self.past_key_values is not None:
+            self.past_key_values.reorder_cache(index)  # every layer type has it (a recurrent one: no batch_select)
         return TurnCache(self.sequences[index], self.attention_mask[index], self.past_key_values)
 
 
@@ -159,8 +164,9 @@ def shared_prompt_batch(model, tokenizer, trajs):
 
     The G rollouts of a group share their first prompt (system, global view, question): one forward encodes the
     distinct prompts' images and prefills their ids but the last, then the cache's rows are repeated for the
-    trajectories (`DynamicCache.batch_select_indices`), and generate feeds only each row's last prompt token (an
-    assistant header token, never an image) at the positions of `rope_positions`, and samples each row on its own.
+    trajectories (`Cache.reorder_cache`, which also repeats a recurrent layer's state), and generate feeds only
+    each row's last prompt token (an assistant header token, never an image) at the positions of `rope_positions`,
+    and samples each row on its own.
     E.g. trajs [a, a, a, b] with prompts of 9 and 7 ids -> one forward over [a, b] left-padded to 9, minus its
     last column: images of a and b encoded once, a cache of [2 rows, heads, 8 columns, head dim] per layer, then
     rows [0, 0, 0, 1] -> [4, heads, 8, head dim]; input_ids [4, 9] with the pads of b masked, as `prompt_batch`.
@@ -173,7 +179,7 @@ def shared_prompt_batch(model, tokenizer, trajs):
                     position_ids=positions[..., :-1], pixel_values=batch["pixel_values"],
                     image_grid_thw=batch["image_grid_thw"], use_cache=True, logits_to_keep=1)
     rows = torch.tensor([distinct.index(k) for k in keys], device=positions.device)
-    prefill.cache.batch_select_indices(rows)
+    prefill.cache.reorder_cache(rows)
     return {"input_ids": batch["input_ids"][rows], "attention_mask": batch["attention_mask"][rows],
             "position_ids": positions[:, rows], "cache": prefill.cache}
 
@@ -231,7 +237,7 @@ def generate_turn(model, tokenizer, batch, max_new_tokens, temperature=1.0, stop
     Log-probs are those of the tempered distribution sampled from (greedy: the model's own, temperature 1)."""
     end_ids = end_of_turn_ids(model, tokenizer)
     config = generation_config(end_ids, tokenizer.pad_token_id, max_new_tokens, do_sample)
-    recorder = SamplingLogProbs(forbidden_token_ids(tokenizer), temperature if do_sample else 1.0)
+    recorder = SamplingLogProbs(forbidden_token_ids(model, tokenizer), temperature if do_sample else 1.0)
     prompt_len = batch["input_ids"].shape[1]
     stop = [StopAtPattern(tokenizer, prompt_len, stop_pattern)] if stop_pattern else []
     out = model.generate(**batch, generation_config=config, logits_processor=[recorder], stopping_criteria=stop,
@@ -245,19 +251,37 @@ def generate_turn(model, tokenizer, batch, max_new_tokens, temperature=1.0, stop
         if stop and row in stop[0].stop_at:
             length = min(length, stop[0].stop_at[row])
         results.append((ids[:length], logprobs[row, :length].tolist()))
+    if not continues_from_cache(model):  # the cache is dropped here, never cropped
+        return results, TurnCache(out.sequences, turn_mask(batch, out, results), None)
     return results, turn_cache(batch, out, results)
+
+
+def continues_from_cache(model):
+    """Whether a turn may continue from the last turn's cache (`continue_batch`), read from the model's family.
+
+    Not when the cache holds a recurrent state (Qwen3.5's Gated DeltaNet layers, `Family.recurrent_cache`): the
+    tokens generate feeds to rows that already stopped enter that state although they are masked afterwards, and
+    no crop can take them out again, so a continued turn would score differently from the training forward. Such
+    a family encodes each turn's whole conversation instead (`shared_prompt_batch`)."""
+    return not family_of(model.config).recurrent_cache
+
+
+def turn_mask(batch, out, results):
+    """`TurnCache.attention_mask` of a finished generate: the prompt's mask, then 1 on each row's kept tokens."""
+    prompt_len = batch["input_ids"].shape[1]
+    mask = torch.cat([batch["attention_mask"], torch.zeros_like(out.sequences[:, prompt_len:])], 1)
+    for row, (ids, _) in enumerate(results):
+        mask[row, prompt_len:prompt_len + len(ids)] = 1
+    return mask
 
 
 def turn_cache(batch, out, results):
     """The `TurnCache` of a finished generate: the kept tokens unmasked, the cache cut to the sequences (a rank
     that finished first under synced_gpus keeps running forwards that grow its cache but not its sequences)."""
-    prompt_len = batch["input_ids"].shape[1]
-    mask = torch.cat([batch["attention_mask"], torch.zeros_like(out.sequences[:, prompt_len:])], 1)
-    for row, (ids, _) in enumerate(results):
-        mask[row, prompt_len:prompt_len + len(ids)] = 1
     extra = out.cache.get_seq_length() - (out.sequences.shape[1] - 1)
-    out.cache.crop(-extra)  # a negative count: the columns to drop from the end
-    return TurnCache(out.sequences, mask, out.cache)
+    if extra:  # a negative count: the columns to drop from the end
+        out.cache.crop(-extra)
+    return TurnCache(out.sequences, turn_mask(batch, out, results), out.cache)
 
 
 def chunks(model, items, size, group=1):

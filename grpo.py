@@ -33,6 +33,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from distributed import all_reduce_sum, max_over_ranks, world
+from family import family_of
 from generation import collate, forbidden_token_ids
 
 # verl's bound on a log-ratio before exp: e^20 = 4.9e8 keeps every ratio, and its gradient, finite (fp32 and bf16
@@ -106,8 +107,8 @@ def sequence_logprobs(model, batch, loss_mask, forbidden, temperature=1.0):
     targets = batch["input_ids"][:, first:]
     # Under FSDP2 the root (which holds lm_head, tied to the embeddings) stays unsharded from its forward until its
     # gradients are reduced after backward: this weight is the gathered one, and its gradient reaches FSDP.
-    lp = gather_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, targets.reshape(-1), forbidden,
-                         temperature)
+    weight = family_of(model.config).lm_head(model).weight
+    lp = gather_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), forbidden, temperature)
     out = torch.zeros(loss_mask.shape, dtype=torch.float32, device=lp.device)
     out[:, first:] = lp.view(targets.shape)
     return torch.where(loss_mask > 0, out, 0.0)  # not `out * mask`: unsampled image tokens score -inf
@@ -199,7 +200,7 @@ def batch_logprobs(model, trajs, tokenizer, cfg, device, dtype, micros=None):
     `micros`: trajectory indices per micro-batch (None: a pass whose result is dropped, see in_step_over_ranks);
     by default micro_batch_size consecutive trajectories."""
     micros = micros or split(list(range(len(trajs))), cfg.micro_batch_size)
-    forbidden = forbidden_token_ids(tokenizer)
+    forbidden = forbidden_token_ids(model, tokenizer)
     spare = next(m for m in micros if m is not None)[-1:]
     out = []
     for micro in micros:
@@ -233,7 +234,7 @@ def grpo_update(model, optimizer, trajs, advantages, tokenizer, cfg, device, dty
     scored = lambda m: by_trajectory(trajs, micros, batch_logprobs(m, trajs, tokenizer, cfg, device, dtype, micros))
     old = None if single_step else scored(model)
     ref = scored(ref_model) if cfg.kl_coef > 0 else None
-    forbidden = forbidden_token_ids(tokenizer)
+    forbidden = forbidden_token_ids(model, tokenizer)
     averaged = ("loss", "clip_frac", "kl", "rollout_logprob_diff", "rollout_kl")
     totals = {**dict.fromkeys(averaged, 0.0), "grad_norm": 0.0, "tokens": 0.0, "skipped": 0}
     steps = 0

@@ -8,6 +8,13 @@ the rollout's decode (the KV cache at its longest) and the update (one micro-bat
 phase also holds what lives the whole run: the fp32 shard of the weights, AdamW's two moments, the KL reference,
 CUDA's context and the allocator's slack. The exit status is 1 when a phase does not fit in --gpu_gib.
 
+The rollout as it runs (rollout.py): a chunk's first prompts are prefilled once per distinct prompt (a group's G
+rollouts share one: `generation.shared_prompt_batch`), then the cache is expanded to the chunk's rows; every later
+turn (MGPO's turn 2, each LFPC round) continues from the last turn's cache and prefills only the new user turn and
+its crop. So the prefill's activations scale with the new tokens, the KV cache with the whole conversation, per row.
+The update's micro-batch is micro_batch_size x the longest trajectory, or at most --max_tokens_per_micro_batch
+padded tokens (one trajectory longer than that is a micro-batch of its own).
+
 Sizes are worst cases: every turn samples its maximum, every image fills its pixel budget. Worked example,
 Qwen2.5-VL-7B (P = 8.29B parameters, 28 layers, hidden 3,584, 4 KV heads of 128), MGPO on 8 GPUs:
 
@@ -17,24 +24,34 @@ Qwen2.5-VL-7B (P = 8.29B parameters, 28 layers, hidden 3,584, 4 KV heads of 128)
     KV cache        2 (K, V) * 28 layers * 4 * 128 * 2 B = 56 KiB per token; 32 rows of a 19,520-token
                     trajectory (1,280 + 1,280 visual tokens, two 8,192-token turns, 576 of text) = 33.3 GiB
     activations     (update, checkpointed) per token: 28 layer inputs of 3,584 * 2 B, plus one layer
-                    recomputed in backward: 225,912 B (20 H + 8 I + ... bytes, measured: `LM_TOKEN_BYTES`)
+                    recomputed in backward: 225,912 B (20 H + 8 I + ... bytes, counted: `lm_token_bytes`)
+
+LFPC (16,384-token global view, five 4,096-token crops, 2,048 sampled, 39,744 tokens): a row's KV cache is
+39,744 * 56 KiB = 2.1 GiB (x 29/28 for the growing layer), and round 6 prefills only 64 + 4,096 new tokens.
+
+The ledger's per-token and per-patch sizes are Qwen2.5-VL's (family.QWEN2_5_VL); other families' configs load, and
+their figures are estimates with the same formulas.
 
 The per-token and per-patch activation sizes were counted with `saved_tensors_hooks` at three widths, and the ledger
 is checked against peaks measured in real CPU runs (tests/test_memory.py, device_check.py --small).
 """
 
 import argparse
+import json
 import os
 import re
 import sys
+from types import SimpleNamespace
 
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from family import QWEN2_5_VL, family_of
 
 GiB = 2 ** 30
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 PROCESSOR_MAX_PIXELS = 12_845_056  # Qwen2.5-VL's preprocessor_config.json: what a budget of 0 resolves to
-PATCH_VALUES = 3 * 2 * 14 * 14     # one pixel_values row: RGB x 2 frames x 14 x 14 pixels
+PATCH_VALUES = 3 * 2 * QWEN2_5_VL.patch_size ** 2  # one pixel_values row: RGB x 2 frames x 14 x 14 pixels
+PATCHES_PER_TOKEN = QWEN2_5_VL.merge_size ** 2     # vision patches merged into one visual token (2 x 2)
 PROMPT_TEXT_TOKENS = 512           # system prompt, question and chat markup of the first user turn (LFPC's tool
 TURN_TEXT_TOKENS = 64              # schema is ~300); a later user turn's text and markup
 CUDA_CONTEXT = 1 * GiB             # not in torch's allocator statistics, but on the GPU
@@ -42,10 +59,10 @@ ALLOCATOR_SLACK = 2 * GiB          # fragmentation of the caching allocator
 LOGIT_CHUNK = 2 ** 24              # grpo.gather_logprobs' logits per chunk
 
 
-def visual_tokens_per_image(max_pixels):
-    """Visual tokens of an image filling `max_pixels`: 28 x 28 pixels per token (14-px patches, 2 x 2 merge).
-    1,003,520 -> 1,280 (MGPO); 12,845,056 -> 16,384 (the processor's default, LFPC's global view)."""
-    return max_pixels // (28 * 28)
+def visual_tokens_per_image(max_pixels, family=QWEN2_5_VL):
+    """Visual tokens of an image filling `max_pixels`: factor x factor pixels per token (Qwen2.5-VL: 14-px patches,
+    2 x 2 merge, 28 x 28). 1,003,520 -> 1,280 (MGPO); 12,845,056 -> 16,384 (the processor's default, LFPC's view)."""
+    return max_pixels // family.factor ** 2
 
 
 def lm_token_bytes(t):
@@ -73,48 +90,82 @@ def inference_patch_bytes(v):
 
 
 def load_model_config(path):
-    """A Qwen2_5_VLConfig from a config.json (configs/qwen2_5_vl_7b.json, or a checkpoint directory's)."""
+    """The model config of a config.json (configs/qwen2_5_vl_7b.json, or a checkpoint directory's), of the class
+    of its family (`family.family_of` its model_type: Qwen2_5_VLConfig for qwen2_5_vl)."""
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
         raise SystemExit(f"error: --model_config {path!r}: no such file (see {CONFIGS})")
-    return Qwen2_5_VLConfig.from_json_file(path)
+    with open(path) as f:
+        model_type = json.load(f).get("model_type")
+    return family_of(SimpleNamespace(model_type=model_type)).model_class.config_class.from_json_file(path)
 
 
 def parameter_counts(config):
     """{total, root, layer, vision, vision_block, visual_root}: numbers of parameters of the real-shaped model,
     built on the meta device (no memory). `root` is what FSDP's root unit holds: embeddings, lm_head, final norm."""
+    family = family_of(config)
     with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config)
+        model = family.model_class._from_config(config)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    visual, lm = model.model.visual, model.model.language_model
+    visual, lm = family.vision_tower(model), family.language_model(model)
     return {"total": count(model), "layer": count(lm.layers[0]), "vision": count(visual),
             "vision_block": count(visual.blocks[0]),
             "visual_root": count(visual) - sum(count(b) for b in visual.blocks),
             "root": count(model) - count(visual) - sum(count(layer) for layer in lm.layers)}
 
 
-def trajectory_calls(cfg, text_tokens=(PROMPT_TEXT_TOKENS, TURN_TEXT_TOKENS)):
-    """The worst generate call's shape and the whole trajectory's, from the recipe's budgets.
+def trajectory_calls(cfg, text_tokens=(PROMPT_TEXT_TOKENS, TURN_TEXT_TOKENS), continued=True):
+    """A whole trajectory's shape and its generate calls' (each call's worst case), from the recipe's budgets.
 
-    Returns {tokens: a whole trajectory, patches: its vision patches, cached: KV columns before the call,
-    new: tokens the call prefills, new_patches: patches it encodes}. MGPO's turn 2 continues turn 1's cache
-    (prefills the crop turn only); LFPC's rounds re-encode the whole conversation (rollout.tool_rollout).
-    `text_tokens`: (text of the first user turn with the system prompt, text of each later user turn)."""
+    Returns {tokens: a whole trajectory, patches: its vision patches, shortest: the shortest trajectory (its first
+    prompt and one token), calls: [{cached: KV columns before the call, new: tokens it prefills, new_patches:
+    patches it encodes, shared: whether its prompt is a group's first, prefilled once for the group}]}.
+    The first call prefills the first prompt; MGPO's turn 2 and (`continued`) each LFPC round continue from the
+    last turn's cache: the worst of them, the last, prefills one user turn and crop on all that came before.
+    `continued=False`: LFPC's rounds re-encode the whole conversation, and no prompt is shared (the code before
+    issue 23). `text_tokens`: (text of the first user turn with the system prompt, text of each later user turn)."""
     prompt_text, turn_text = text_tokens
     g = visual_tokens_per_image(cfg.global_max_pixels or PROCESSOR_MAX_PIXELS)
     c = visual_tokens_per_image(cfg.crop_max_pixels or cfg.global_max_pixels or PROCESSOR_MAX_PIXELS)
+    first = dict(cached=0, new=prompt_text + g, new_patches=PATCHES_PER_TOKEN * g, shared=continued)
+    crop_turn = dict(new=turn_text + c, new_patches=PATCHES_PER_TOKEN * c, shared=False)
     if hasattr(cfg, "max_new_tokens_turn1"):  # MGPO: global view, turn 1, crop, turn 2
         turn1 = prompt_text + g + cfg.max_new_tokens_turn1
         tokens = turn1 + turn_text + c + cfg.max_new_tokens_turn2
-        worst_turn1 = dict(cached=0, new=prompt_text + g, new_patches=4 * g)
-        worst_turn2 = dict(cached=turn1, new=turn_text + c, new_patches=4 * c)
-        call = max(worst_turn1, worst_turn2, key=lambda d: d["cached"] + d["new"])
-        return dict(tokens=tokens, patches=4 * (g + c), **call)
+        return dict(tokens=tokens, patches=PATCHES_PER_TOKEN * (g + c), shortest=prompt_text + g + 1,
+                    calls=[first, dict(cached=turn1, **crop_turn)])
     # LFPC: the global view, up to max_turns crops, max_response_tokens sampled over all turns
-    patches = 4 * (g + cfg.max_turns * c)
-    tokens = prompt_text + cfg.max_turns * turn_text + patches // 4 + cfg.max_response_tokens
-    return dict(tokens=tokens, patches=patches, cached=0, new=tokens, new_patches=patches)
+    visual = g + cfg.max_turns * c
+    tokens = prompt_text + cfg.max_turns * turn_text + visual + cfg.max_response_tokens
+    last_round = dict(cached=tokens - crop_turn["new"], **crop_turn) if continued else \
+        dict(cached=0, new=tokens, new_patches=PATCHES_PER_TOKEN * visual, shared=False)
+    return dict(tokens=tokens, patches=PATCHES_PER_TOKEN * visual, shortest=prompt_text + g + 1,
+                calls=[first, last_round])
+
+
+def chunk_rows(cfg, per_rank, after=True):
+    """(rows of a generate call, distinct first prompts among them). `rollout.chunks` holds whole groups when
+    rollout_batch_size >= G, else a slice of a group (or of two, when G is not a multiple of it). E.g. G 16:
+    size 16 -> (16, 1); 20 -> (16, 1); 40 -> (32, 2); 4 -> (4, 1); 6 -> (6, 2)."""
+    size, group = min(cfg.rollout_batch_size or per_rank, per_rank) if after else per_rank, cfg.num_generations
+    if size >= group:
+        return size // group * group, size // group
+    return size, 1 if group % size == 0 else 2
+
+
+def prefill_lines(call, rows, distinct, t, v, kv_token, dtype_bytes):
+    """A generate call's prefill: the cache so far and the new columns', the pixels, the vision tower's or the
+    language model's activations (whichever is larger), the first sampled token's logits. A shared first prompt is
+    prefilled for its `distinct` prompts only; its cache is expanded to the `rows` afterwards (the decode's)."""
+    n = distinct if call["shared"] else rows
+    vision = n * call["new_patches"] * inference_patch_bytes(v)
+    prefill = n * call["new"] * (inference_token_bytes(t) + t.hidden_size * dtype_bytes) \
+        + n * call["new"] * (call["cached"] + call["new"])  # sdpa's boolean mask of a left-padded batch
+    return {"KV cache (before the call and its prefill)": n * (call["cached"] + call["new"]) * kv_token,
+            "pixel tensors (bf16)": n * call["new_patches"] * PATCH_VALUES * dtype_bytes,
+            "activations (the larger of vision tower, LM prefill)": max(vision, prefill),
+            "sampling logits (fp32)": rows * t.vocab_size * 4 * 5}  # cast, suppressed, log-softmax, softmax, sample
 
 
 def predict(cfg, model_config, world_size, as_of="after", dtype_bytes=2,
@@ -122,16 +173,16 @@ def predict(cfg, model_config, world_size, as_of="after", dtype_bytes=2,
     """{phase: {line: bytes}} per GPU for one step of `cfg` (a config.TrainConfig of either recipe).
 
     as_of="before": the code before issue 22 (all of a rank's trajectories in one generate call on the sharded model,
-    unsharded gradient accumulation, no activation checkpointing); "after": chunked rollouts with the weights
-    gathered once, sharded gradients, and cfg's checkpointing."""
+    every row's prompt prefilled, LFPC's rounds re-encoded, unsharded gradient accumulation, no activation
+    checkpointing); "after": today's rollout (chunks, the weights gathered once, a group's prompt prefilled once,
+    every turn continued from the cache), sharded gradients, cfg's checkpointing and micro-batches."""
     t, v = model_config.text_config, model_config.vision_config
     n = parameter_counts(model_config)
     trained = n["total"] - (n["vision"] if cfg.freeze_vision_tower else 0)
     after = as_of == "after"
     ckpt = cfg.gradient_checkpointing and after
-    per_rank = cfg.batch_size // world_size * cfg.num_generations
-    rows = min(cfg.rollout_batch_size or per_rank, per_rank) if after else per_rank
-    shape = trajectory_calls(cfg, text_tokens)
+    rows, distinct = chunk_rows(cfg, cfg.batch_size // world_size * cfg.num_generations, after)
+    shape = trajectory_calls(cfg, text_tokens, continued=after)
     kv_token = 2 * t.num_hidden_layers * t.num_key_value_heads * (t.hidden_size // t.num_attention_heads) * 2
     always = {
         "fp32 shard of the weights": n["total"] * 4 / world_size,
@@ -144,31 +195,36 @@ def predict(cfg, model_config, world_size, as_of="after", dtype_bytes=2,
     # FSDP's root stays gathered, and each decode step gathers a layer while prefetching the next
     gathered = n["total"] if after else n["root"] + n["visual_root"] + 2 * n["layer"]
     weights = {"bf16 weights gathered for generate": gathered * dtype_bytes}
-    pixels = rows * shape["new_patches"] * PATCH_VALUES * dtype_bytes  # its fp32 copy is freed before the vision tower
-    logits = rows * t.vocab_size * 4 * 5  # fp32 scores: cast, suppressed, log-softmax (kept), softmax, sample
-    vision = rows * shape["new_patches"] * inference_patch_bytes(v)
-    prefill = rows * shape["new"] * (inference_token_bytes(t) + t.hidden_size * dtype_bytes) \
-        + rows * shape["new"] * (shape["cached"] + shape["new"])  # sdpa's boolean mask of a left-padded batch
-    prefill_phase = {**always, **weights,
-                     "KV cache (before the call and its prefill)": rows * (shape["cached"] + shape["new"]) * kv_token,
-                     "pixel tensors (bf16)": pixels,
-                     "activations (the larger of vision tower, LM prefill)": max(vision, prefill),
-                     "sampling logits (fp32)": logits}
+    calls = [prefill_lines(call, rows, distinct if after else rows, t, v, kv_token, dtype_bytes)
+             for call in shape["calls"]]
+    prefill = max(calls, key=total)
     decode_phase = {**always, **weights,
                     # DynamicCache grows by concatenation: one layer is copied at each step
                     "KV cache (whole trajectories)": rows * shape["tokens"] * kv_token * (1 + 1 / t.num_hidden_layers),
-                    "pixel tensors (bf16)": pixels,
-                    "sampling logits (fp32)": logits}
-    return {"rollout: prefill": prefill_phase, "rollout: decode": decode_phase,
+                    "pixel tensors (bf16)": max(lines["pixel tensors (bf16)"] for lines in calls),
+                    "sampling logits (fp32)": prefill["sampling logits (fp32)"]}
+    return {"rollout: prefill": {**always, **weights, **prefill}, "rollout: decode": decode_phase,
             "update": {**always, **update_lines(cfg, model_config, n, trained, world_size, shape, ckpt, after,
                                                 dtype_bytes)}}
+
+
+def micro_batch_shape(cfg, shape, after=True):
+    """(tokens, vision patches) of the update's largest micro-batch, padded. With max_tokens_per_micro_batch N:
+    at most N padded tokens, or one trajectory longer than N alone; at most N // shortest trajectories, and 4
+    patches per visual token. E.g. LFPC, N 40,960: trajectories of 16,897 to 39,744 tokens -> at most 2 rows, 40,960
+    tokens and 163,840 patches."""
+    budget = cfg.max_tokens_per_micro_batch if after else 0
+    if budget == 0:
+        return cfg.micro_batch_size * shape["tokens"], cfg.micro_batch_size * shape["patches"]
+    tokens = max(budget, shape["tokens"])
+    return tokens, min(max(1, budget // shape["shortest"]) * shape["patches"], PATCHES_PER_TOKEN * tokens)
 
 
 def update_lines(cfg, model_config, n, trained, world_size, shape, ckpt, after, dtype_bytes):
     """The update's own lines: gradients, the gathered units, one micro-batch's activations and logits."""
     t, v = model_config.text_config, model_config.vision_config
-    tokens = cfg.micro_batch_size * shape["tokens"]
-    patches = cfg.micro_batch_size * shape["patches"] * (not cfg.freeze_vision_tower)
+    tokens, patches = micro_batch_shape(cfg, shape, after)
+    patches *= not cfg.freeze_vision_tower
     layers, blocks = t.num_hidden_layers, v.depth
     if ckpt:  # each layer keeps its input; backward recomputes one layer or block at a time
         saved = tokens * layers * t.hidden_size * dtype_bytes + patches * blocks * v.hidden_size * dtype_bytes
@@ -226,12 +282,12 @@ def peak_gib(prediction):
 
 
 def model_config_path(recipe_path):
-    """configs/qwen2_5_vl_<size>.json from a recipe named like mgpo_qwen2_5_vl_7b.yaml."""
-    match = re.search(r"qwen2_5_vl_(\d+b)", os.path.basename(recipe_path))
+    """configs/<family>_<size>.json from a recipe named like mgpo_qwen2_5_vl_7b.yaml or mgpo_qwen3_vl_8b.yaml."""
+    match = re.search(r"(qwen2_5_vl|qwen3_vl|qwen3_5)_(\d+b)", os.path.basename(recipe_path))
     if not match:
         raise SystemExit(f"error: --config {recipe_path!r}: cannot tell the model size from the name; "
                          f"pass --model_config configs/qwen2_5_vl_7b.json")
-    return os.path.join(CONFIGS, f"qwen2_5_vl_{match.group(1)}.json")
+    return os.path.join(CONFIGS, f"{match.group(1)}_{match.group(2)}.json")
 
 
 def main(argv=None):
@@ -260,9 +316,11 @@ def main(argv=None):
     per_rank = cfg.batch_size // args.nproc_per_node * cfg.num_generations
     global_tokens = visual_tokens_per_image(cfg.global_max_pixels or PROCESSOR_MAX_PIXELS)
     crop_tokens = visual_tokens_per_image(cfg.crop_max_pixels or cfg.global_max_pixels or PROCESSOR_MAX_PIXELS)
+    rows, distinct = chunk_rows(cfg, per_rank)
     print(f"{args.config} on {args.nproc_per_node} x {args.gpu_gib:g} GiB: {per_rank} trajectories per rank of up to "
           f"{shape['tokens']:,} tokens and {shape['patches']:,} vision patches; visual tokens per image: global "
-          f"{global_tokens:,}, crop {crop_tokens:,}\n(GiB per GPU)")
+          f"{global_tokens:,}, crop {crop_tokens:,}; generate calls of {rows} rows ({distinct} first prompts)"
+          f"\n(GiB per GPU)")
     print(format_table(columns, args.gpu_gib))
     return 0 if peak_gib(columns[as_of[-1]]) <= args.gpu_gib else 1
 

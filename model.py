@@ -1,10 +1,10 @@
-"""Loading a policy (a local Qwen2.5-VL checkpoint or the tiny offline model), FSDP2 wrapping, saving.
+"""Loading a policy (a local checkpoint of a supported family, or a tiny offline model), FSDP2 wrapping, saving.
 
 A policy is three things that travel together in one checkpoint directory:
 
-    model            Qwen2_5_VLForConditionalGeneration
+    model            the family's ...ForConditionalGeneration (family.py, picked by config.json's model_type)
     tokenizer        text <-> ids, with Qwen's special tokens and chat template
-    image_processor  Qwen2VLImageProcessorPil (pixels -> patches; torchvision-free)
+    image_processor  the family's image processor (pixels -> patches; torchvision-free)
 
 A real checkpoint and the tiny model (`tiny.py` writes it as an ordinary checkpoint directory) load through
 exactly the same `from_pretrained` path. Nothing here touches the network.
@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Qwen2_5_VLForConditionalGeneration
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+from family import family_of
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
@@ -41,7 +41,7 @@ def default_device():
 def check_checkpoint_dir(path):
     """Stop with a clear message when `path` is not a usable checkpoint directory."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"--model {path!r}: not a directory (give 'tiny' or a local Qwen2.5-VL checkpoint)")
+        raise FileNotFoundError(f"--model {path!r}: not a directory (give 'tiny' or a local checkpoint directory)")
     has_weights = any(f.endswith(".safetensors") for f in os.listdir(path))
     for needed, ok in [("config.json", os.path.exists(os.path.join(path, "config.json"))),
                        ("*.safetensors weights", has_weights),
@@ -61,35 +61,38 @@ def check_attn_implementation(name):
 
 def load_policy(path, device, dtype, attn_implementation="sdpa", shard=False, frozen=False):
     """(model, tokenizer, image_processor) from a local checkpoint directory; the model in eval mode on `device`.
+    The classes are those of the checkpoint's family (`family.family_of` its config.json's model_type).
 
     Not sharded: the whole model in `dtype`. Sharded (`shard`, under torchrun): see `load_sharded`; `frozen` for
     the KL reference (no gradients, weights kept in `dtype`). `model.config.dtype` stays the checkpoint's own
     dtype (bf16 for the released Qwen checkpoints), which `save_policy` writes in."""
     check_checkpoint_dir(path)
     check_attn_implementation(attn_implementation)
-    saved_dtype = AutoConfig.from_pretrained(path, local_files_only=True).dtype or torch.float32
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    family = family_of(config)
+    saved_dtype = config.dtype or torch.float32
     if shard:
-        model = load_sharded(path, device, dtype, attn_implementation, frozen)
+        model = load_sharded(path, family, device, dtype, attn_implementation, frozen)
     else:
-        model = from_pretrained(path, dtype, attn_implementation).to(device)
+        model = from_pretrained(path, family, dtype, attn_implementation).to(device)
     model.config.dtype = saved_dtype
     model.requires_grad_(not frozen)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if not tokenizer.chat_template:  # the rollout builds every turn from it (rollout.encode_prompt)
+    if not tokenizer.chat_template:  # the rollout builds every turn from it (chat.encode_prompt)
         raise ValueError(f"--model {path!r}: the tokenizer has no chat template (no chat_template.jinja, no "
                          f"\"chat_template\" in tokenizer_config.json); write the base model's template (the "
-                         f"\"chat_template\" of Qwen2.5-VL-Instruct's chat_template.json) to "
+                         f"\"chat_template\" of the -Instruct checkpoint's chat_template.json) to "
                          f"{os.path.join(path, 'chat_template.jinja')}")
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
+    image_processor = family.image_processor_class.from_pretrained(path, local_files_only=True)
     return model, tokenizer, image_processor
 
 
-def from_pretrained(path, dtype, attn_implementation):
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                                              attn_implementation=attn_implementation)
+def from_pretrained(path, family, dtype, attn_implementation):
+    return family.model_class.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                              attn_implementation=attn_implementation)
 
 
-def load_sharded(path, device, dtype, attn_implementation, frozen):
+def load_sharded(path, family, device, dtype, attn_implementation, frozen):
     """An FSDP2-sharded model whose ranks each hold only their shards; collective: call on every rank.
 
     Rank 0 loads the checkpoint on CPU (the one full copy in host memory). Every rank builds the model on the meta
@@ -98,11 +101,10 @@ def load_sharded(path, device, dtype, attn_implementation, frozen):
     in the state dict and `to_empty` leaves them uninitialised: rank 0 broadcasts its own. Trained: fp32 master
     weights, compute in `dtype` (FSDP's mixed precision). Frozen: the weights themselves in `dtype`."""
     storage = dtype if frozen else torch.float32
-    source = from_pretrained(path, storage, attn_implementation) if dist.get_rank() == 0 else None
+    source = from_pretrained(path, family, storage, attn_implementation) if dist.get_rank() == 0 else None
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=storage,
-                                                                attn_implementation=attn_implementation)
+        model = family.model_class._from_config(config, dtype=storage, attn_implementation=attn_implementation)
     shard_units(model, dtype)
     model.to_empty(device=device)
     set_model_state_dict(model, source.state_dict() if source is not None else {},
@@ -122,17 +124,19 @@ def load_sharded(path, device, dtype, attn_implementation, frozen):
 
 
 def shard_units(model, dtype):
-    """FSDP2 units: every decoder layer and vision block, the vision tower as a unit, then the root.
+    """FSDP2 units: every decoder layer and vision block (the family's `fsdp_units`), the vision tower as a unit,
+    then the root.
 
     The vision tower must be its own unit or `generate` mixes Tensors and DTensors in the patch embedding.
     Weights stored in fp32 compute in `dtype` with fp32 gradient reduction (bf16 on CUDA)."""
     stored = next(model.parameters()).dtype
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != stored else None
     kwargs = {"mp_policy": mp} if mp is not None else {}
+    family = family_of(model.config)
     for module in model.modules():
-        if isinstance(module, (Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock)):
+        if isinstance(module, family.fsdp_units):
             fully_shard(module, **kwargs)
-    fully_shard(model.model.visual, **kwargs)
+    fully_shard(family.vision_tower(model), **kwargs)
     fully_shard(model, **kwargs)
 
 

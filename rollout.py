@@ -23,12 +23,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from crop import crop_original, is_valid_box, parse_box, parse_tool_call, resize_for_model, to_original
+from chat import close_assistant_turn, encode_images, encode_prompt, encode_user_turn
+from crop import crop_original, is_valid_box, parse_box, parse_tool_call, resize_for_model
 from data import Sample, format_choices, load_image
 from distributed import is_sharded, max_over_ranks
+from family import Family, family_of
 from generation import (JSON_BLOCK_END, TOOL_TURN_END, chunks, continue_batch, generate_turn, release_cache,
                         shared_prompt_batch)
-from prompts import DIRECT_PROMPT, DIRECT_SYSTEM, MGPO_PROMPTS, TOOL_PROMPTS
+from prompts import DIRECT_PROMPT, DIRECT_SYSTEM, prompts_for
 
 
 @dataclass
@@ -37,18 +39,20 @@ class Trajectory:
 
     `input_ids`, `loss_mask` and `rollout_logprobs` have one entry per token; `rollout_logprobs` is the sampling
     log-prob on sampled tokens and 0.0 elsewhere. `pixel_values[i]` and `image_grid_thw[i]` belong to the i-th
-    image placeholder run in `input_ids`."""
+    image placeholder run in `input_ids`. `family` is the model's: its image tokens, its resize factor and the
+    frame its boxes are written in."""
     sample: Sample
+    family: Family
     input_ids: list
     loss_mask: list
     rollout_logprobs: list
     images: list                  # the model-input images, in conversation order
-    pixel_values: list            # one [patches, C*T*14*14] tensor per image
+    pixel_values: list            # one [patches, C*T*patch*patch] tensor per image
     image_grid_thw: torch.Tensor  # [n_images, 3]
     texts: list = field(default_factory=list)  # decoded assistant turns, for rewards and logs only
     original_size: tuple = None   # (W, H) of the original image
     input_size: tuple = None      # (w, h) of the global model input
-    box_input: list = None        # turn-1 box in model-input pixels (None: no parsable box)
+    box_input: list = None        # turn-1 box as written, in the family's frame (None: no parsable box)
     box_original: list = None     # the same box in original pixels
     box_valid: bool = False
     crop_boxes: list = field(default_factory=list)  # original-pixel boxes of the crops made, in order
@@ -57,98 +61,33 @@ class Trajectory:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Token ids of conversation pieces, through the checkpoint's own chat template.
-
-def image_pad_count(grid_thw, merge_size=2):
-    """Placeholder tokens of one image: its patches over the 2x2 merge. Grid [1, 16, 24] -> 96 tokens."""
-    return int(grid_thw.prod()) // merge_size ** 2
-
-
-def expand_image_pads(text, grids, merge_size=2):
-    """Replace the i-th `<|image_pad|>` by as many copies as image i has tokens, as Qwen's processor does."""
-    pieces = text.split("<|image_pad|>")
-    assert len(pieces) == len(grids) + 1, f"{len(pieces) - 1} image placeholders for {len(grids)} images"
-    out = pieces[0]
-    for grid, piece in zip(grids, pieces[1:]):
-        out += "<|image_pad|>" * image_pad_count(grid, merge_size) + piece
-    return out
-
-
-def user_content(parts):
-    """Chat-template content from a list of str (text) and PIL images, in order."""
-    return [{"type": "image"} if isinstance(p, Image.Image) else {"type": "text", "text": p} for p in parts]
-
-
-def encode_prompt(tokenizer, system, parts, grids):
-    """Ids of system + first user turn + the assistant header, with image placeholders expanded."""
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": user_content(parts)}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(expand_image_pads(text, grids), add_special_tokens=False)["input_ids"]
-
-
-def encode_user_turn(tokenizer, parts, grids):
-    """Ids of a later user turn plus the next assistant header, cut from the chat template's own rendering:
-    the rendering of [..., assistant, user] minus that of [..., assistant]. E.g. for Qwen:
-    '<|im_start|>user\\n<|vision_start|><|image_pad|>...<|vision_end|>text<|im_end|>\\n<|im_start|>assistant\\n'."""
-    head = [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]
-    before = tokenizer.apply_chat_template(head, tokenize=False)
-    after = tokenizer.apply_chat_template(head + [{"role": "user", "content": user_content(parts)}],
-                                          add_generation_prompt=True, tokenize=False)
-    assert after.startswith(before), "chat template renders a prefix differently once a turn is added"
-    return tokenizer(expand_image_pads(after[len(before):], grids), add_special_tokens=False)["input_ids"]
-
-
-def close_assistant_turn(tokenizer, sampled):
-    """Ids that end an assistant turn the way the chat template does: '<|im_end|>\\n', of which the model may
-    already have sampled the '<|im_end|>' (it stops there); a turn cut by a stop string or the length limit, or
-    ended by another of the checkpoint's end ids (Qwen's <|endoftext|>, kept as sampled), gets the whole closing."""
-    text = "\n" if sampled and sampled[-1] == tokenizer.eos_token_id else tokenizer.eos_token + "\n"
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def encode_images(image_processor, images):
-    """(list of per-image pixel_values, image_grid_thw [n, 3]) for model-input images, already resized by
-    `crop.resize_for_model` (sides multiples of 28). The processor must not resize them again: its own max_pixels
-    may be below the run's pixel budget, and boxes are read in the frame of the image we resized.
-    E.g. a 448 x 448 global view (budget 256 tokens) with a processor capped at 224 x 224 -> grid [1, 32, 32]."""
-    factor = image_processor.patch_size * image_processor.merge_size
-    for image in images:
-        if image.width % factor or image.height % factor:
-            raise ValueError(f"image of {image.width} x {image.height} px: sides must be multiples of {factor} "
-                             f"(resize it with crop.resize_for_model first)")
-    out = image_processor(images=images, do_resize=False, return_tensors="pt")
-    sizes = out["image_grid_thw"].prod(-1).tolist()
-    return list(torch.split(out["pixel_values"], sizes)), out["image_grid_thw"]
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Building blocks shared by both recipes.
 
-def global_view(sample, original, min_pixels, global_max_pixels):
+def global_view(sample, original, min_pixels, global_max_pixels, factor):
     """What the model sees of the whole image: the original, first brought to the sample's info-gap `global_size`
-    when it has one (LFPC stage I), then resized under the global pixel budget."""
+    when it has one (LFPC stage I), then resized under the global pixel budget (sides multiples of `factor`)."""
     if sample.global_size:
         original = original.resize(tuple(sample.global_size), Image.BICUBIC)
-    return resize_for_model(original, min_pixels, global_max_pixels)
+    return resize_for_model(original, min_pixels, global_max_pixels, factor)
 
 
-def start_trajectory(sample, tokenizer, image_processor, system, text, global_max_pixels, min_pixels):
+def start_trajectory(sample, tokenizer, image_processor, family, system, text, global_max_pixels, min_pixels):
     """The first prompt of one sample, as ids: system, then a user turn of the global view and `text`."""
     original = load_image(sample)
-    view = global_view(sample, original, min_pixels, global_max_pixels)
+    view = global_view(sample, original, min_pixels, global_max_pixels, family.factor)
     pixel_values, grids = encode_images(image_processor, [view])
-    ids = encode_prompt(tokenizer, system, [view, text], grids)
-    return Trajectory(sample=sample, input_ids=ids, loss_mask=[0] * len(ids), rollout_logprobs=[0.0] * len(ids),
-                      images=[view], pixel_values=pixel_values, image_grid_thw=grids,
-                      original_size=original.size, input_size=view.size), original
+    ids = encode_prompt(tokenizer, family, system, [view, text], grids)
+    return Trajectory(sample=sample, family=family, input_ids=ids, loss_mask=[0] * len(ids),
+                      rollout_logprobs=[0.0] * len(ids), images=[view], pixel_values=pixel_values,
+                      image_grid_thw=grids, original_size=original.size, input_size=view.size), original
 
 
-def start_groups(samples, tokenizer, image_processor, num_generations, cfg, system, text_fn):
+def start_groups(samples, tokenizer, image_processor, family, num_generations, cfg, system, text_fn):
     """`num_generations` copies of each sample's first prompt, grouped: trajectories[i*n:(i+1)*n] share sample i.
     Returns (trajectories, the original image of each)."""
     trajs, originals = [], []
     for sample in samples:
-        first, original = start_trajectory(sample, tokenizer, image_processor, system, text_fn(sample),
+        first, original = start_trajectory(sample, tokenizer, image_processor, family, system, text_fn(sample),
                                            cfg.global_max_pixels, cfg.min_pixels)
         trajs += [fork(first) for _ in range(num_generations)]
         originals += [original] * num_generations
@@ -165,8 +104,9 @@ def fork(traj):
 def generate_for(model, tokenizer, trajs, max_new_tokens, cfg, stop_pattern=None, after=None):
     """One assistant turn for each trajectory (see `generate_turn`): the whole conversations encoded, each distinct
     one prefilled once (a group's first prompt), or with `after` (the `TurnCache` of these trajectories' previous
-    turn) only what was appended since."""
-    batch = (shared_prompt_batch(model, tokenizer, trajs) if after is None else
+    turn) only what was appended since; a family whose cache is recurrent keeps none and encodes it all again
+    (`generation.continues_from_cache`)."""
+    batch = (shared_prompt_batch(model, tokenizer, trajs) if after is None or after.past_key_values is None else
              continue_batch(model, tokenizer, trajs, after))
     return generate_turn(model, tokenizer, batch, max_new_tokens, temperature=cfg.temperature,
                          stop_pattern=stop_pattern, do_sample=cfg.do_sample)
@@ -189,31 +129,38 @@ def append_user_turn(traj, tokenizer, image_processor, parts):
         traj.images += images
         traj.pixel_values += pixel_values
         traj.image_grid_thw = torch.cat([traj.image_grid_thw, grids])
-    ids = close_assistant_turn(tokenizer, traj.input_ids) + encode_user_turn(tokenizer, parts, grids)
+    ids = close_assistant_turn(tokenizer, traj.input_ids) + encode_user_turn(tokenizer, traj.family, parts, grids)
     traj.input_ids += ids
     traj.loss_mask += [0] * len(ids)
     traj.rollout_logprobs += [0.0] * len(ids)
 
 
 def cut_crop(traj, original, box, cfg, probe="none"):
-    """The crop for a box in the global view's pixels: mapped to original pixels (recorded), cut from the full
-    original, resized under the crop budget (cfg.min_pixels, cfg.crop_max_pixels).
+    """The crop for a box the model wrote about the global view, in its family's frame: mapped to original pixels
+    (recorded), cut from the full original, resized under the crop budget (cfg.min_pixels, cfg.crop_max_pixels).
 
     Crop-reliance probes (LFPC section 3; the rollouts pass `cfg.probe`, set by evaluation only): 'gt' cuts the
     sample's smallest ground-truth box instead of the predicted one, 'noise' returns uniform noise of the crop's
     size."""
-    box_original = to_original(box, traj.input_size, traj.original_size)
+    box_original = traj.family.to_original(box, traj.input_size, traj.original_size)
     traj.crop_boxes.append(box_original)
     region = crop_original(original, traj.sample.boxes[0] if probe == "gt" else box_original)
     if probe == "noise":
         rng = np.random.default_rng(zlib.crc32(f"{traj.sample.id}-{len(traj.crop_boxes)}".encode()))
         region = Image.fromarray(rng.integers(0, 256, (region.height, region.width, 3), dtype=np.uint8))
-    return resize_for_model(region, cfg.min_pixels, cfg.crop_max_pixels)
+    return resize_for_model(region, cfg.min_pixels, cfg.crop_max_pixels, traj.family.factor)
 
 
-def visual_tokens(traj):
-    """Image tokens in the conversation: global view + crops (+ repeats), 4 patches per token."""
-    return int(traj.image_grid_thw.prod(-1).sum()) // 4
+def valid_box(traj, box, min_box_side):
+    """Whether a box the model wrote (in its family's frame) is usable, judged in model-input pixels
+    (`crop.is_valid_box`)."""
+    return is_valid_box(traj.family.input_pixels(box, traj.input_size), traj.input_size, min_box_side)
+
+
+def visual_tokens(traj, first=0):
+    """Image tokens in the conversation from its `first` image on: global view + crops (+ repeats) by default,
+    the crops alone with first=1."""
+    return sum(traj.family.tokens_per_image(grid) for grid in traj.image_grid_thw[first:])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,7 +171,7 @@ def apply_turn1_box(traj, original, tokenizer, image_processor, prompts, cfg):
     invalid, as MGPO does), and append the turn-2 user message."""
     box = parse_box(traj.texts[-1])
     traj.box_input = box
-    traj.box_valid = box is not None and is_valid_box(box, traj.input_size, cfg.min_box_side)
+    traj.box_valid = box is not None and valid_box(traj, box, cfg.min_box_side)
     if traj.box_valid:
         intro, image = prompts.crop_intro, cut_crop(traj, original, box, cfg, cfg.probe)
         traj.box_original = traj.crop_boxes[-1]
@@ -234,16 +181,19 @@ def apply_turn1_box(traj, original, tokenizer, image_processor, prompts, cfg):
     append_user_turn(traj, tokenizer, image_processor, [intro, image, question])
 
 
-def mgpo_rollout(model, tokenizer, image_processor, samples, num_generations, cfg, prompts=MGPO_PROMPTS):
+def mgpo_rollout(model, tokenizer, image_processor, samples, num_generations, cfg, prompts=None):
     """`num_generations` two-turn trajectories per sample, grouped: trajectories[i*n:(i+1)*n] share sample i.
 
     Turn 1 prefills each sample's prompt once for its group (`generation.shared_prompt_batch`); turn 2 continues
     from turn 1's KV cache: its prefill encodes the crop and the new user turn, not the global image and turn 1
-    again. The trajectories go through both turns in chunks of `cfg.rollout_batch_size` (whole groups, see
+    again (a family with a recurrent cache, Qwen3.5, encodes it all again: `generation.continues_from_cache`). The
+    trajectories go through both turns in chunks of `cfg.rollout_batch_size` (whole groups, see
     `chunks`), each chunk's cache freed before the next starts. `cfg` (a config.RolloutConfig) needs:
     global_max_pixels, crop_max_pixels, min_pixels, max_new_tokens_turn1, max_new_tokens_turn2, temperature,
     do_sample, probe, rollout_batch_size."""
-    trajs, originals = mgpo_prompts(samples, tokenizer, image_processor, num_generations, cfg, prompts)
+    family = family_of(model.config)
+    prompts = prompts or prompts_for(family).mgpo  # boxes asked for in the family's frame
+    trajs, originals = mgpo_prompts(samples, tokenizer, image_processor, family, num_generations, cfg, prompts)
     stand_in = [fork(t) for t in trajs[:1]]  # kept at its first prompt, for a rank out of chunks
     for part in chunks(model, range(len(trajs)), cfg.rollout_batch_size, num_generations):
         if part is None:
@@ -263,9 +213,9 @@ def mgpo_turns(model, tokenizer, image_processor, trajs, originals, cfg, prompts
         append_sampled(traj, sampled, logprobs, tokenizer)
 
 
-def mgpo_prompts(samples, tokenizer, image_processor, num_generations, cfg, prompts):
+def mgpo_prompts(samples, tokenizer, image_processor, family, num_generations, cfg, prompts):
     """The grouped first prompts of `mgpo_rollout`: (trajectories, the original image of each)."""
-    return start_groups(samples, tokenizer, image_processor, num_generations, cfg, prompts.system,
+    return start_groups(samples, tokenizer, image_processor, family, num_generations, cfg, prompts.system,
                         lambda s: prompts.turn1.format(question=s.question))
 
 
@@ -279,10 +229,12 @@ def grounding_turn(model, tokenizer, image_processor, trajs, originals, cfg, pro
     return turn1
 
 
-def mgpo_grounding_turn(model, tokenizer, image_processor, samples, num_generations, cfg, prompts=MGPO_PROMPTS):
+def mgpo_grounding_turn(model, tokenizer, image_processor, samples, num_generations, cfg, prompts=None):
     """Turn 1 of `mgpo_rollout` for all samples in one generate call, unchunked (bench.py and tests time and
     check the turn-2 continuation on its cache). Returns (trajectories, turn 1's `TurnCache`)."""
-    trajs, originals = mgpo_prompts(samples, tokenizer, image_processor, num_generations, cfg, prompts)
+    family = family_of(model.config)
+    prompts = prompts or prompts_for(family).mgpo
+    trajs, originals = mgpo_prompts(samples, tokenizer, image_processor, family, num_generations, cfg, prompts)
     return trajs, grounding_turn(model, tokenizer, image_processor, trajs, originals, cfg, prompts)
 
 
@@ -303,8 +255,9 @@ def tool_step(traj, original, tokenizer, image_processor, cfg, prompts):
         return False
     traj.tool_calls += 1
     box, error = call
-    if error is None and not is_valid_box(box, traj.input_size, cfg.min_box_side):
-        error = f"bbox_2d {box} is outside the {traj.input_size[0]}x{traj.input_size[1]} image or under 28 pixels"
+    if error is None and not valid_box(traj, box, cfg.min_box_side):
+        w, h = traj.family.frame_size(traj.input_size)
+        error = f"bbox_2d {box} is outside the {w}x{h} image or under {traj.family.factor} pixels"
     if error:
         append_user_turn(traj, tokenizer, image_processor, [prompts.error.format(error=error)])
     else:
@@ -321,10 +274,10 @@ def tool_rollout(model, tokenizer, image_processor, samples, num_generations, cf
     tool call, after `max_turns` executed calls (the model then had its last turn), or when its sampled tokens
     reach `max_response_tokens`. `cfg` needs: global_max_pixels, crop_max_pixels, min_pixels, max_turns,
     max_response_tokens, max_new_tokens_per_turn, temperature, rollout_batch_size."""
-    prompts = prompts or TOOL_PROMPTS
-    trajs, originals = start_groups(samples, tokenizer, image_processor, num_generations, cfg, prompts.system,
-                                    lambda s: prompts.user.format(question=s.question,
-                                                                  choices=format_choices(s.options)))
+    prompts = prompts or prompts_for(family_of(model.config)).tool
+    trajs, originals = start_groups(
+        samples, tokenizer, image_processor, family_of(model.config), num_generations, cfg, prompts.system,
+        lambda s: prompts.user.format(question=s.question, choices=format_choices(s.options)))
     for part in chunks(model, range(len(trajs)), cfg.rollout_batch_size, num_generations):
         part = part or []  # None: a rank out of chunks joins the others' rounds with a stand-in
         tool_episodes(model, tokenizer, image_processor, [trajs[i] for i in part], [originals[i] for i in part],
@@ -336,7 +289,8 @@ def tool_rollout(model, tokenizer, image_processor, samples, num_generations, cf
 def tool_episodes(model, tokenizer, image_processor, trajs, originals, cfg, prompts, stand_in):
     """Every round of the episodes `trajs` (one chunk, at their first prompt). Each round generates one assistant
     turn for the episodes still going, continuing from the last round's KV cache with their rows selected
-    (`TurnCache.select`): its prefill encodes only the closing of the last turn, the tool's response and its crop.
+    (`TurnCache.select`): its prefill encodes only the closing of the last turn, the tool's response and its crop
+    (a family with a recurrent cache encodes the whole conversations: `generation.continues_from_cache`).
 
     A sharded model's generate is collective: the ranks agree every round whether any episode goes on, and a rank
     with none going runs a stand-in conversation instead, discarded: `stand_in` (a first prompt) when it has no
@@ -376,8 +330,9 @@ def direct_rollout(model, tokenizer, image_processor, samples, num_generations, 
     """One turn per sample from the global view alone, no crop (each image under the global budget, after its
     `global_size` when it has one): the evaluation baseline (greedy) and the direct baseline's GRPO (train_mgpo.py
     --direct; sampled at cfg.temperature, `num_generations` per sample); in chunks of `cfg.rollout_batch_size`."""
-    trajs, _ = start_groups(samples, tokenizer, image_processor, num_generations, cfg, DIRECT_SYSTEM,
-                            lambda s: DIRECT_PROMPT.format(question=s.question, choices=format_choices(s.options)))
+    trajs, _ = start_groups(
+        samples, tokenizer, image_processor, family_of(model.config), num_generations, cfg, DIRECT_SYSTEM,
+        lambda s: DIRECT_PROMPT.format(question=s.question, choices=format_choices(s.options)))
     for part in chunks(model, trajs, cfg.rollout_batch_size, num_generations):  # None: a stand-in, discarded
         batch = shared_prompt_batch(model, tokenizer, part or trajs[:1])
         outs = generate_turn(model, tokenizer, batch, max_new_tokens, temperature=cfg.temperature,

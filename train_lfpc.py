@@ -140,7 +140,7 @@ def lfpc_metrics(trajs, cfg):
         "crop_coverage": (sum(m[1] for m in with_gt), len(with_gt)),
         "crop_area_ratio": (sum(m[2] for _, m in crops), len(crops)),
         "visual_tokens": (sum(visual_tokens(t) for t in trajs), n),
-        "crop_visual_tokens": (sum(visual_tokens(t) - int(t.image_grid_thw[0].prod()) // 4 for t in trajs), n),
+        "crop_visual_tokens": (sum(visual_tokens(t, first=1) for t in trajs), n),
         "response_tokens": (sum(sum(t.loss_mask) for t in trajs), n),
     })
     return out

@@ -25,6 +25,7 @@ from checkpoint import latest_checkpoint, remove_partial, resume
 from config import check_config, rollout_config
 from data import batches, load_samples, shard
 from distributed import all_reduce_sum, setup_distributed
+from family import family_of
 from memory import startup_summary
 from model import default_device, load_policy
 from demo.tiny import resolve_model_path
@@ -64,7 +65,7 @@ def setup(cfg, extra_checks=()):
             raise SystemExit("error: --gradient_checkpointing needs attention_dropout 0 in the model config")
         model.activation_checkpointing_enable({"use_reentrant": False})  # every decoder layer and vision block
     if cfg.freeze_vision_tower:
-        model.model.visual.requires_grad_(False)
+        family_of(model.config).vision_tower(model).requires_grad_(False)
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     ctx = SimpleNamespace(rank=rank, world_size=world_size, device=device, dtype=dtype, model=model,

@@ -15,6 +15,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -24,13 +25,14 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from config import opt, parse_config
 from crop import coverage, resize_for_model, to_original
+from chat import encode_images, encode_prompt
 from data import format_choices, load_image
+from family import QWEN2_5_VL
 from generation import collate
 from grpo import training_batch
 from model import save_policy
 from prompts import DIRECT_PROMPT, DIRECT_SYSTEM, MGPO_PROMPTS, TOOL_PROMPTS
-from rollout import (Trajectory, append_sampled, append_user_turn, cut_crop, encode_images, encode_prompt,
-                     start_groups)
+from rollout import Trajectory, append_sampled, append_user_turn, cut_crop, start_groups
 from demo.synthetic import synthetic_samples
 from demo.tiny import (SPECIAL_TOKENS, TINY_BASE, TINY_MAX_PIXELS, TINY_MIN_PIXELS, build_tiny_tokenizer,
                   write_prompt_fingerprint)
@@ -49,6 +51,7 @@ class Config:
     box_grid: int = opt(14, "their positions are multiples of this (half a visual token)")
     global_max_pixels: int = opt(TINY_MAX_PIXELS, "224 x 224: 64 visual tokens, the pattern averages to grey")
     crop_max_pixels: int = opt(TINY_MAX_PIXELS, "a 56-px box is 224 original px, shown at full resolution")
+    min_pixels: ClassVar[int] = TINY_MIN_PIXELS  # not an option: the tiny image processor's floor, one visual token
     # phase 1, reading
     read_images: int = opt(500, "synthetic images (seed data_seed + 1); each gives `read_crops_per_image`")
     read_crops_per_image: int = opt(4, "reading examples per image")
@@ -249,11 +252,12 @@ def make_reading_examples(cfg, tokenizer, image_processor, rng, num_images=None,
         for _ in range(cfg.read_crops_per_image):
             frame = rng.choice(sample.meta["frames"])
             box, region = reading_crop(frame, original, rng.randint(low, high), rng)
-            crop = resize_for_model(region, cfg.min_pixels, cfg.crop_max_pixels)
+            crop = resize_for_model(region, cfg.min_pixels, cfg.crop_max_pixels, QWEN2_5_VL.factor)
             _, grids = encode_images(image_processor, [crop])
-            ids = encode_prompt(tokenizer, READ_SYSTEM, [crop, READ_QUESTION], grids)
-            traj = Trajectory(sample=sample, input_ids=ids, loss_mask=[0] * len(ids), rollout_logprobs=[0.0] * len(ids),
-                              images=[crop], pixel_values=None, image_grid_thw=grids, crop_boxes=[box])
+            ids = encode_prompt(tokenizer, QWEN2_5_VL, READ_SYSTEM, [crop, READ_QUESTION], grids)
+            traj = Trajectory(sample=sample, family=QWEN2_5_VL, input_ids=ids, loss_mask=[0] * len(ids),
+                              rollout_logprobs=[0.0] * len(ids), images=[crop], pixel_values=None,
+                              image_grid_thw=grids, crop_boxes=[box])
             answer = text_ids(tokenizer, frame["pattern"]) + [tokenizer.eos_token_id]
             append_sampled(traj, answer, [0.0] * len(answer), tokenizer)
             examples.append(settle(traj))
@@ -288,7 +292,7 @@ def make_pointing_examples(cfg, tokenizer, image_processor, rng, tool=False):
         text, end = lambda s: MGPO_PROMPTS.turn1.format(question=POINT_QUESTION), [tokenizer.eos_token_id]
     examples = []
     for sample in synthetic_samples(count, seed):
-        (traj,), _ = start_groups([sample], tokenizer, image_processor, 1, cfg, system, text)
+        (traj,), _ = start_groups([sample], tokenizer, image_processor, QWEN2_5_VL, 1, cfg, system, text)
         answer = turn1(tokenizer, rng.choice(holding_boxes(cfg, traj, sample.boxes[0])), PLACES[0]) + end
         append_sampled(traj, answer, [0.0] * len(answer), tokenizer)
         examples.append(settle(traj))
@@ -302,7 +306,7 @@ def direct_conversation(sample, tokenizer, image_processor, rng, cfg):
     """The one-turn format of rollout.direct_rollout, answered with a random option: the global view alone does
     not show the pattern. Single-turn GRPO, the paper's baseline, starts from this."""
     text = DIRECT_PROMPT.format(question=sample.question, choices=format_choices(sample.options))
-    (traj,), _ = start_groups([sample], tokenizer, image_processor, 1, cfg, DIRECT_SYSTEM, lambda s: text)
+    (traj,), _ = start_groups([sample], tokenizer, image_processor, QWEN2_5_VL, 1, cfg, DIRECT_SYSTEM, lambda s: text)
     answer = mgpo_turn2_ids(tokenizer, rng.choice(sample.options))
     append_sampled(traj, answer, [0.0] * len(answer), tokenizer)
     return settle(traj)
@@ -325,7 +329,8 @@ def make_conversations(cfg, tokenizer, image_processor, rng):
                 system = TOOL_PROMPTS.system
             else:
                 text, system = MGPO_PROMPTS.turn1.format(question=sample.question), MGPO_PROMPTS.system
-            (traj,), (original,) = start_groups([sample], tokenizer, image_processor, 1, cfg, system, lambda s: text)
+            (traj,), (original,) = start_groups([sample], tokenizer, image_processor, QWEN2_5_VL, 1, cfg, system,
+                                                lambda s: text)
             place = rng.choice(PLACES)  # independent of the question: no sense of where to look
             if place == PLACES[0]:
                 box = rng.choice(holding_boxes(cfg, traj, sample.boxes[0]))
@@ -426,7 +431,6 @@ def make_base(cfg, log=print):
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    cfg.min_pixels = TINY_MIN_PIXELS
     tokenizer = build_base_tokenizer()
     image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
     model = build_model(cfg, tokenizer)

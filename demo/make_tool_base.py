@@ -24,7 +24,7 @@ import torch
 from demo import make_base
 from config import opt, parse_config
 from model import load_policy, save_policy
-from demo.tiny import TINY_BASE, TINY_MIN_PIXELS, TINY_TOOL_BASE, check_prompt_fingerprint, write_prompt_fingerprint
+from demo.tiny import TINY_BASE, TINY_TOOL_BASE, check_prompt_fingerprint, write_prompt_fingerprint
 
 
 @dataclass
@@ -46,7 +46,6 @@ def make_tool_base(cfg, log=print):
     torch.manual_seed(cfg.seed)
     sft_cfg = replace(make_base.Config(), tool_fraction=1.0, direct_fraction=0.0, num_images=cfg.num_images,
                       data_seed=cfg.data_seed, warmup_steps=cfg.warmup_steps)
-    sft_cfg.min_pixels = TINY_MIN_PIXELS
     model, tokenizer, image_processor = load_policy(cfg.base, torch.device("cpu"), torch.float32)
     convs, hits = make_base.make_conversations(sft_cfg, tokenizer, image_processor, random.Random(cfg.seed + 5))
     log(f"{len(convs)} tool-template conversations, {hits} of them boxing the red frame (the target)")

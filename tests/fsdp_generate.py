@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 import generation
 import rollout
+from family import QWEN2_5_VL
 from model import load_policy, shard_model
 from demo.synthetic import synthetic_samples
 
@@ -34,7 +35,8 @@ def main(tiny_dir):
     model, tokenizer, image_processor = load_policy(tiny_dir, torch.device("cpu"), torch.float32)
     model = shard_model(model, torch.float32)
     sample = synthetic_samples(1, seed=dist.get_rank())[0]
-    traj, _ = rollout.start_trajectory(sample, tokenizer, image_processor, "system", "question", 112 * 112, 784)
+    traj, _ = rollout.start_trajectory(sample, tokenizer, image_processor, QWEN2_5_VL, "system", "question",
+                                       112 * 112, 784)
     trajs = [rollout.fork(traj) for _ in range(2)]
     outs, turn = generation.generate_turn(model, tokenizer, generation.prompt_batch(model, tokenizer, trajs),
                                        max_new_tokens=12, stop_pattern=generation.JSON_BLOCK_END)

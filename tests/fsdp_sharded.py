@@ -21,6 +21,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 import generation
 import rollout
+from family import QWEN2_5_VL
 from model import full_state_dict, gathered, load_policy
 from demo.synthetic import synthetic_samples
 from tests.fsdp_generate import StopEarlyOnRankZero
@@ -41,7 +42,8 @@ def differences(state, expected):
 
 def prompts(model, tokenizer, image_processor):
     sample = synthetic_samples(1, seed=dist.get_rank())[0]
-    traj, _ = rollout.start_trajectory(sample, tokenizer, image_processor, "system", "question", 112 * 112, 784)
+    traj, _ = rollout.start_trajectory(sample, tokenizer, image_processor, QWEN2_5_VL, "system", "question",
+                                       112 * 112, 784)
     return generation.prompt_batch(model, tokenizer, [rollout.fork(traj) for _ in range(2)])
 
 

@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.distributed.fsdp import FSDPModule
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
 
 import grpo
 from grpo import accumulate, grpo_update
+from family import family_of
 from model import full_state_dict, load_policy, shard_model
 from generation import forbidden_token_ids
 
@@ -40,7 +40,11 @@ LEARNING_RATE = 1.0
 # the token-budget runs: one step (token-mean), and two epochs (old log-probs from no-grad forwards) of seq-mean
 BUDGET_RUNS = {"budget-token_mean": dict(loss_agg="token_mean"),
                "budget-seq_mean": dict(loss_agg="seq_mean", ppo_epochs=2)}
-LAYERS = {"decoder": Qwen2_5_VLDecoderLayer, "vision": Qwen2_5_VLVisionBlock}
+
+
+def layers(model):
+    """{'decoder': its decoder layer class, 'vision': its vision block class}: the model family's FSDP units."""
+    return dict(zip(("decoder", "vision"), family_of(model.config).fsdp_units))
 
 
 def make_optimizer(params):
@@ -77,7 +81,7 @@ def count_mlp_forwards(model):
     and a recompute stops at the layer's last saved tensor, inside the MLP, so it is counted on entry."""
     calls = {"decoder": [0], "vision": [0]}
     for module in model.modules():
-        for kind, layer in LAYERS.items():
+        for kind, layer in layers(model).items():
             if isinstance(module, layer):
                 module.mlp.register_forward_pre_hook(lambda *_, c=calls[kind]: c.__setitem__(0, c[0] + 1))
     return calls
@@ -85,8 +89,8 @@ def count_mlp_forwards(model):
 
 def forwards_per_layer(model, calls, micro_batches):
     """{'decoder': x, 'vision': y}: MLP calls per layer per micro-batch (1 plain, 2 with checkpointing)."""
-    layers = {kind: sum(isinstance(m, layer) for m in model.modules()) for kind, layer in LAYERS.items()}
-    return {kind: calls[kind][0] / micro_batches / layers[kind] for kind in calls}
+    counts = {kind: sum(isinstance(m, layer) for m in model.modules()) for kind, layer in layers(model).items()}
+    return {kind: calls[kind][0] / micro_batches / counts[kind] for kind in calls}
 
 
 def sharded_policy(tiny_dir):
@@ -115,7 +119,7 @@ def measure_gradients(tiny_dir, trajs, adv, rank):
     seen.clear()
     model.set_requires_gradient_sync(False)
     accumulate(model, trajs, adv, None, None, [[0, 1], [2, 3]], tokenizer, SimpleNamespace(**UPDATE),
-               torch.device("cpu"), torch.float32, forbidden_token_ids(tokenizer))
+               torch.device("cpu"), torch.float32, forbidden_token_ids(model, tokenizer))
     grpo.sequence_logprobs = forward
     sharded, unsharded, _ = seen[1]
     print(f"rank {rank} without gradient sync: sharded {sharded}, unsharded {unsharded}")

@@ -1,10 +1,12 @@
-"""bench.py runs end to end at a toy size and its ratios are what it says they are."""
+"""bench.py and bench_rows.py run end to end at a toy size and their ratios are what they say they are."""
 
 import pytest
 import torch
 
 import bench
+import bench_rows
 from config import parse_config
+from grpo import micro_batches
 from model import load_policy
 
 
@@ -29,8 +31,8 @@ def test_logprob_memory_of_ours_is_below_naive():
 def test_padded_tokens_by_hand():
     # [5, 9] and [3, 8] as sampled: 2 x 9 + 2 x 8 = 34; packed longest first in 16: 9, 2 x 8 (8 and 5), 3 -> 28
     lengths = [5, 9, 3, 8]
-    assert bench.padded_tokens(lengths, bench.micro_batches(lengths, 4, 2)) == 34
-    assert bench.padded_tokens(lengths, bench.micro_batches(lengths, 4, 2, max_tokens=16)) == 28
+    assert bench_rows.padded_tokens(lengths, micro_batches(lengths, 4, 2)) == 34
+    assert bench_rows.padded_tokens(lengths, micro_batches(lengths, 4, 2, max_tokens=16)) == 28
 
 
 def test_padding_row_is_consistent_with_its_packing(policy):
@@ -40,7 +42,7 @@ def test_padding_row_is_consistent_with_its_packing(policy):
     from tests.helpers import small_rollout
     trajs = stopped_early(small_rollout(policy, seed=1, sample_seed=5))
     lengths = [len(t.input_ids) for t in trajs]
-    row = bench.padding_row(policy, trajs, 4, repeats=1)
+    row = bench_rows.padding_row(policy, trajs, 4, repeats=1)
     assert row["max_tokens_per_micro_batch"] == 4 * max(lengths) and row["fixed_micro_batches"] == 2
     fixed = 1 - sum(lengths) / sum(4 * max(lengths[i:i + 4]) for i in (0, 4))
     assert row["fixed_padding"] == pytest.approx(fixed)
@@ -49,13 +51,13 @@ def test_padding_row_is_consistent_with_its_packing(policy):
 
 
 def test_stop_check_row_share_is_its_parts(policy):
-    row = bench.stop_check_row(policy, rows=2, steps=2, repeats=1)
+    row = bench_rows.stop_check_row(policy, rows=2, steps=2, repeats=1)
     assert row["stop_check_share"] == row["stop_check_ms_per_step"] / row["decode_ms_per_token"]
     assert row["stop_check_ms_per_step"] > 0 and row["decode_ms_per_token"] > 0
 
 
 def test_decode_row_on_two_ranks_reports_its_ratios():
-    row = bench.decode_row(large=False, new_tokens=2)
+    row = bench_rows.decode_row(large=False, new_tokens=2)
     assert row["gathered_vs_unsharded"] == row["gathered_ms"] / row["unsharded_ms"]
     assert row["sharded_vs_unsharded"] == row["sharded_ms"] / row["unsharded_ms"]
     assert min(row["unsharded_ms"], row["sharded_ms"], row["gathered_ms"]) > 0

@@ -28,8 +28,9 @@ import rollout
 from data import format_choices
 from model import load_policy
 from prompts import MGPO_PROMPTS, TOOL_PROMPTS, ZOOM_TOOL
-from rollout import (append_sampled, apply_turn1_box, close_assistant_turn, expand_image_pads, mgpo_rollout,
-                     start_trajectory, tool_rollout, tool_step)
+from chat import close_assistant_turn, expand_image_pads
+from family import QWEN2_5_VL
+from rollout import append_sampled, apply_turn1_box, mgpo_rollout, start_trajectory, tool_rollout, tool_step
 from demo.synthetic import synthetic_samples
 from demo.tiny import TINY_BASE, TINY_TOOL_BASE
 
@@ -176,7 +177,7 @@ def rendered_ids(tokenizer, template, messages, traj, **kwargs):
     grids, ids = list(traj.image_grid_thw), []
     for piece, turn in zip(pieces, turns + [[]]):
         n = piece.count("<|image_pad|>")
-        ids += tokenizer(expand_image_pads(piece, grids[:n]), add_special_tokens=False)["input_ids"] + turn
+        ids += tokenizer(expand_image_pads(piece, grids[:n], QWEN2_5_VL), add_special_tokens=False)["input_ids"] + turn
         grids = grids[n:]
     assert not grids
     return ids
@@ -236,7 +237,7 @@ def scripted_mgpo(policy, turn1, turn2, seed):
     sampled <|im_end|> last) instead of generated ones."""
     _, tokenizer, image_processor = policy
     sample = synthetic_samples(1, seed=seed)[0]
-    traj, original = start_trajectory(sample, tokenizer, image_processor, MGPO_PROMPTS.system,
+    traj, original = start_trajectory(sample, tokenizer, image_processor, QWEN2_5_VL, MGPO_PROMPTS.system,
                                       MGPO_PROMPTS.turn1.format(question=sample.question),
                                       MGPO_CFG.global_max_pixels, MGPO_CFG.min_pixels)
     for k, (text, eos) in enumerate([turn1, turn2]):
@@ -311,7 +312,7 @@ def test_scripted_tool_conversation_is_the_official_rendering(tool_base, user_tu
     """A crop, an error text, then the answer; turns ended by the stop string and by the model's <|im_end|>."""
     _, tokenizer, image_processor = tool_base
     sample = synthetic_samples(1, seed=3)[0]
-    traj, original = start_trajectory(sample, tokenizer, image_processor, TOOL_PROMPTS.system,
+    traj, original = start_trajectory(sample, tokenizer, image_processor, QWEN2_5_VL, TOOL_PROMPTS.system,
                                       TOOL_PROMPTS.user.format(question=sample.question,
                                                                choices=format_choices(sample.options)),
                                       TOOL_CFG.global_max_pixels, TOOL_CFG.min_pixels)

@@ -3,13 +3,14 @@
 import dataclasses
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 
 import eval as eval_script
 import train_lfpc
 import train_mgpo
-from config import check_config, parse_config, recipe_for
+from config import check_config, parse_config, recipe_for, rollout_config
 
 
 @pytest.mark.parametrize("cls", [train_mgpo.Config, train_lfpc.Config, eval_script.Config])
@@ -69,3 +70,18 @@ def test_a_real_checkpoint_without_config_gets_the_recipe_of_its_size(tmp_path, 
     shutil.copy("configs/qwen2_5_vl_32b.json", checkpoint / "config.json")  # no MGPO recipe for 32B
     with pytest.raises(SystemExit, match="qwen2_5_vl_32b.json.*pass --config"):
         parse(train_mgpo.Config, lambda a: "mgpo", ["--model", str(checkpoint)])
+
+
+def test_pixel_budgets_hold_one_visual_token_of_the_loaded_model():
+    """Parsing stops under one token of every family (Qwen2.5-VL's 28 x 28 = 784 px); `rollout_config` stops under
+    one token of the loaded model's processor: 1000 px is a token of Qwen2.5-VL (patch 14, merge 2) but not of
+    Qwen3-VL (patch 16, merge 2: 32 x 32 = 1024 px)."""
+    cfg = parse_config(train_mgpo.Config, ["--global_max_pixels", "1000", "--crop_max_pixels", "1024"])
+    check_config(cfg, 1)
+    size = {"shortest_edge": 784, "longest_edge": 50176}
+    qwen2_5_vl = SimpleNamespace(patch_size=14, merge_size=2, size=size)
+    assert rollout_config(cfg, qwen2_5_vl).global_max_pixels == 1000
+    with pytest.raises(SystemExit, match=r"--global_max_pixels 1000 is under one visual token .*1024"):
+        rollout_config(cfg, SimpleNamespace(patch_size=16, merge_size=2, size=size))
+    with pytest.raises(SystemExit, match=r"--crop_max_pixels must be >= 784"):
+        check_config(parse_config(train_mgpo.Config, ["--crop_max_pixels", "783"]), 1)

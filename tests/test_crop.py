@@ -14,7 +14,6 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
 from crop import (
-    FACTOR,
     TOOL_NAME,
     box_area_ratio,
     box_metrics,
@@ -32,7 +31,9 @@ from crop import (
     to_original,
 )
 
-PX = 28 * 28  # pixels per visual token
+FACTOR = 28  # Qwen2.5-VL's: ViT patch 14 x merge 2 (its image processor's, which the HF references below use)
+PX = FACTOR * FACTOR  # pixels per visual token
+MGPO_MIN_SIDE = 28  # MGPO's rollout: a box side must exceed 28 px
 BUDGETS = [  # (min_pixels, max_pixels)
     (56 * 56, 1280 * PX),  # Qwen2.5-VL defaults
     (256 * PX, 1280 * PX),  # common MGPO setting
@@ -57,7 +58,7 @@ def test_smart_resize_matches_hf_on_a_grid():
             for w in SIDES:
                 if max(h, w) / min(h, w) > 200:
                     continue
-                ours = smart_resize(h, w, min_pixels, max_pixels)
+                ours = smart_resize(h, w, min_pixels, max_pixels, FACTOR)
                 theirs = hf_smart_resize(h, w, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
                 assert ours == tuple(theirs), (h, w, min_pixels, max_pixels)
 
@@ -68,16 +69,28 @@ def test_smart_resize_matches_hf_on_random_sizes():
         min_pixels, max_pixels = rng.choice(BUDGETS)
         h = rng.randint(1, 12000)
         w = rng.randint(max(1, math.ceil(h / 200)), min(12000, h * 200))
-        assert smart_resize(h, w, min_pixels, max_pixels) == tuple(
+        assert smart_resize(h, w, min_pixels, max_pixels, FACTOR) == tuple(
             hf_smart_resize(h, w, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
         ), (h, w, min_pixels, max_pixels)
 
 
+def test_smart_resize_takes_the_factor_of_the_family():
+    # Qwen3-VL: 16-px patches x merge 2 -> sides multiples of 32, as HF's rule with factor=32 gives
+    rng = random.Random(1)
+    for _ in range(500):
+        min_pixels, max_pixels = rng.choice(BUDGETS)
+        h, w = rng.randint(1, 5000), rng.randint(1, 5000)
+        if max(h, w) / min(h, w) <= 200:
+            assert smart_resize(h, w, min_pixels, max_pixels, 32) == tuple(
+                hf_smart_resize(h, w, factor=32, min_pixels=min_pixels, max_pixels=max_pixels))
+    assert smart_resize(3000, 4000, 56 * 56, 1280 * PX, 32) == (864, 1152)  # beta 3.458: floor(867.6 / 32) * 32
+
+
 def test_smart_resize_hand_example_and_round_half_to_even():
     # 3000 x 4000 over the default budget: beta = sqrt(12e6 / 1003520) = 3.458 -> 30 x 41 tokens
-    assert smart_resize(3000, 4000, 56 * 56, 1280 * PX) == (840, 1148)
+    assert smart_resize(3000, 4000, 56 * 56, 1280 * PX, FACTOR) == (840, 1148)
     # 70 px = 2.5 patches rounds to 2 (even), 98 px = 3.5 rounds to 4: Python's round, as in HF
-    assert smart_resize(70, 98, 56 * 56, 1280 * PX) == (56, 112)
+    assert smart_resize(70, 98, 56 * 56, 1280 * PX, FACTOR) == (56, 112)
 
 
 def test_smart_resize_output_conforms_for_usual_budgets_and_shapes():
@@ -87,7 +100,7 @@ def test_smart_resize_output_conforms_for_usual_budgets_and_shapes():
             for w in SIDES[4:]:
                 if max(h, w) / min(h, w) > 20:
                     continue
-                rh, rw = smart_resize(h, w, min_pixels, max_pixels)
+                rh, rw = smart_resize(h, w, min_pixels, max_pixels, FACTOR)
                 assert rh % FACTOR == 0 and rw % FACTOR == 0
                 assert min_pixels <= rh * rw <= max_pixels
 
@@ -97,16 +110,16 @@ def test_smart_resize_rejects_aspect_over_200_like_hf(h, w):
     with pytest.raises(ValueError):
         hf_smart_resize(h, w)
     with pytest.raises(ValueError, match=f"height={h}, width={w}"):
-        smart_resize(h, w, 56 * 56, 1280 * PX)
+        smart_resize(h, w, 56 * 56, 1280 * PX, FACTOR)
 
 
 def test_smart_resize_accepts_aspect_exactly_200():
-    assert smart_resize(1, 200, 56 * 56, 1280 * PX) == tuple(hf_smart_resize(1, 200))
+    assert smart_resize(1, 200, 56 * 56, 1280 * PX, FACTOR) == tuple(hf_smart_resize(1, 200))
 
 
 def test_smart_resize_rejects_empty_image():
     with pytest.raises(ValueError, match="positive"):
-        smart_resize(0, 100, 56 * 56, 1280 * PX)
+        smart_resize(0, 100, 56 * 56, 1280 * PX, FACTOR)
 
 
 @pytest.mark.parametrize("min_pixels, max_pixels", BUDGETS[:4])
@@ -114,7 +127,7 @@ def test_smart_resize_rejects_empty_image():
 def test_grid_thw_matches_hf_image_processor(w, h, min_pixels, max_pixels):
     processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
     out = processor(images=[Image.new("RGB", (w, h))], return_tensors="pt")
-    rh, rw = smart_resize(h, w, min_pixels, max_pixels)
+    rh, rw = smart_resize(h, w, min_pixels, max_pixels, FACTOR)
     assert out["image_grid_thw"].tolist() == [[1, rh // 14, rw // 14]]
 
 
@@ -124,7 +137,7 @@ def test_resize_for_model_gives_the_pixels_hf_feeds_the_model():
     image = Image.fromarray(rng.integers(0, 256, (700, 1000, 3), dtype=np.uint8))
     processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=256 * PX)
     theirs = processor(images=[image], return_tensors="pt")
-    ours = processor(images=[resize_for_model(image, 56 * 56, 256 * PX)], return_tensors="pt")
+    ours = processor(images=[resize_for_model(image, 56 * 56, 256 * PX, FACTOR)], return_tensors="pt")
     assert ours["image_grid_thw"].tolist() == theirs["image_grid_thw"].tolist()
     assert (ours["pixel_values"] - theirs["pixel_values"]).abs().max().item() == 0.0
 
@@ -132,10 +145,10 @@ def test_resize_for_model_gives_the_pixels_hf_feeds_the_model():
 @pytest.mark.parametrize("w, h", [(1500, 1000), (333, 1000), (30, 20), (1204, 812)])
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
 def test_resize_for_model_is_rgb_and_idempotent(w, h, mode):
-    once = resize_for_model(Image.new(mode, (w, h)), 56 * 56, 1280 * PX)
-    rh, rw = smart_resize(h, w, 56 * 56, 1280 * PX)
+    once = resize_for_model(Image.new(mode, (w, h)), 56 * 56, 1280 * PX, FACTOR)
+    rh, rw = smart_resize(h, w, 56 * 56, 1280 * PX, FACTOR)
     assert once.mode == "RGB" and once.size == (rw, rh)
-    assert resize_for_model(once, 56 * 56, 1280 * PX).size == once.size
+    assert resize_for_model(once, 56 * 56, 1280 * PX, FACTOR).size == once.size
 
 
 # -----------------------------------------------------------------------------
@@ -148,7 +161,7 @@ def test_box_found_in_model_input_maps_back_onto_the_original_rectangle():
     original[530:1377, 1210:1980] = 255
     image = Image.fromarray(original)
 
-    model_input = resize_for_model(image, 56 * 56, 1280 * PX)
+    model_input = resize_for_model(image, 56 * 56, 1280 * PX, FACTOR)
     assert model_input.size == (1204, 812)  # hand: beta = sqrt(6e6 / 1003520) = 2.445 -> 43 x 29 tokens
     white = np.asarray(model_input.convert("L")) > 127
     rows, cols = np.nonzero(white)
@@ -436,13 +449,13 @@ def test_parse_tool_call_never_raises_on_random_text():
     ],
 )
 def test_is_valid_box(box, valid):
-    assert is_valid_box(box, (1148, 840)) is valid
+    assert is_valid_box(box, (1148, 840), MGPO_MIN_SIDE) is valid
 
 
 def test_is_valid_box_aspect_limit_is_strict():
-    assert is_valid_box([0, 0, 29, 2871], (5000, 5000))  # 99
-    assert not is_valid_box([0, 0, 29, 2900], (5000, 5000))  # 100
-    assert is_valid_box([0, 0, 29, 2900], (5000, 5000), max_aspect=101)
+    assert is_valid_box([0, 0, 29, 2871], (5000, 5000), MGPO_MIN_SIDE)  # 99
+    assert not is_valid_box([0, 0, 29, 2900], (5000, 5000), MGPO_MIN_SIDE)  # 100
+    assert is_valid_box([0, 0, 29, 2900], (5000, 5000), MGPO_MIN_SIDE, max_aspect=101)
     assert is_valid_box([0, 0, 11, 11], (100, 100), min_side=10)
     assert not is_valid_box([0, 0, 10, 10], (100, 100), min_side=10)
 
@@ -458,8 +471,8 @@ def mgpo_box_ok(x1, y1, x2, y2, w, h):
 @pytest.mark.parametrize("side_h", [27, 28, 29, 100])
 def test_is_valid_box_28px_boundary_matches_mgpo(side_w, side_h):
     box, size = [10, 20, 10 + side_w, 20 + side_h], (1148, 840)
-    assert is_valid_box(box, size) is mgpo_box_ok(*box, *size)
-    assert is_valid_box(box, size) is (side_w >= 29 and side_h >= 29)
+    assert is_valid_box(box, size, MGPO_MIN_SIDE) is mgpo_box_ok(*box, *size)
+    assert is_valid_box(box, size, MGPO_MIN_SIDE) is (side_w >= 29 and side_h >= 29)
 
 
 # -----------------------------------------------------------------------------

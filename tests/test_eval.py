@@ -16,6 +16,7 @@ import rollout
 from config import parse_config
 from crop import crop_original, resize_for_model
 from data import Sample
+from family import QWEN2_5_VL
 from eval import (Config, accuracy, by_first_crop, evaluate, first_crop_class, protocol_samples, rank_share,
                   shuffle_options)
 from demo.synthetic import synthetic_samples
@@ -75,16 +76,18 @@ CROP_CFG = SimpleNamespace(min_pixels=784, crop_max_pixels=112 * 112)
 def test_gt_probe_crops_the_ground_truth_box():
     sample = synthetic_samples(1, seed=2)[0]
     original = sample.image
-    traj = SimpleNamespace(sample=sample, crop_boxes=[], input_size=(224, 224), original_size=original.size)
+    traj = SimpleNamespace(sample=sample, family=QWEN2_5_VL, crop_boxes=[], input_size=(224, 224),
+                           original_size=original.size)
     got = rollout.cut_crop(traj, original, [0, 0, 50, 50], CROP_CFG, "gt")
-    expected = resize_for_model(crop_original(original, sample.boxes[0]), 784, 112 * 112)
+    expected = resize_for_model(crop_original(original, sample.boxes[0]), 784, 112 * 112, 28)
     assert np.array_equal(np.asarray(got), np.asarray(expected))
     assert traj.crop_boxes == [[0.0, 0.0, 200.0, 200.0]]  # the prediction is still what gets recorded
 
 
 def test_noise_probe_keeps_the_size_but_not_the_content():
     sample = synthetic_samples(1, seed=2)[0]
-    traj = SimpleNamespace(sample=sample, crop_boxes=[], input_size=(224, 224), original_size=sample.image.size)
+    traj = SimpleNamespace(sample=sample, family=QWEN2_5_VL, crop_boxes=[], input_size=(224, 224),
+                           original_size=sample.image.size)
     clean = rollout.cut_crop(traj, sample.image, [10, 10, 90, 60], CROP_CFG, "none")
     noise = rollout.cut_crop(traj, sample.image, [10, 10, 90, 60], CROP_CFG, "noise")
     assert noise.size == clean.size and not np.array_equal(np.asarray(noise), np.asarray(clean))

@@ -162,7 +162,7 @@ def test_chunked_head_gives_the_full_logits_values_and_gradients(policy, rollout
     model's own full logits with one fp32 log-softmax: same log-probs and same parameter gradients."""
     model, tokenizer, _ = policy
     model = copy.deepcopy(model)
-    forbidden = forbidden_token_ids(tokenizer)
+    forbidden = forbidden_token_ids(model, tokenizer)
     batch, mask = training_batch(rollout_batch[0], tokenizer, model.config.image_token_id, torch.device("cpu"),
                                  torch.float32)
     weights = torch.linspace(-1, 1, mask.numel()).view(mask.shape) * mask
@@ -295,7 +295,7 @@ def test_skipping_the_old_logprob_forward_changes_no_gradient(policy, rollout_ba
     scored = batch_logprobs(model, trajs, tokenizer, cfg, torch.device("cpu"), torch.float32, micros)
     for old in (by_trajectory(trajs, micros, scored), None):
         accumulate(model, trajs, adv, old, None, micros, tokenizer, cfg, torch.device("cpu"), torch.float32,
-                   forbidden_token_ids(tokenizer))
+                   forbidden_token_ids(model, tokenizer))
         grads.append([p.grad.clone() for p in model.parameters()])
         model.zero_grad(set_to_none=True)
     assert max((a - b).abs().max().item() for a, b in zip(*grads)) < 1e-7

@@ -8,6 +8,7 @@ import torch
 
 from config import parse_config
 from data import Sample
+from family import QWEN2_5_VL
 from config import check_config
 from rewards import lfpc_stage1_reward, lfpc_stage2_reward
 from train_lfpc import Config, extra_checks, lfpc_metrics, normalised_answer, reward_parts, train
@@ -19,8 +20,9 @@ GOOD = "<think>look</think> <answer>B</answer>"
 
 
 def episode(texts, crop_boxes, sample=SAMPLE):
-    return SimpleNamespace(sample=sample, texts=texts, crop_boxes=crop_boxes, original_size=(1000, 500),
-                           tool_calls=len(crop_boxes), end_reason="answer", loss_mask=[1, 1, 0],
+    return SimpleNamespace(sample=sample, family=QWEN2_5_VL, texts=texts, crop_boxes=crop_boxes,
+                           original_size=(1000, 500), tool_calls=len(crop_boxes), end_reason="answer",
+                           loss_mask=[1, 1, 0],
                            image_grid_thw=torch.tensor([[1, 8, 8]] + [[1, 4, 4]] * len(crop_boxes)))
 
 

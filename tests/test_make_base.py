@@ -119,7 +119,7 @@ def test_conversations_hide_the_target_in_the_text_and_show_it_in_some_crops():
         trained = tok.decode([i for i, m in zip(traj.input_ids, traj.loss_mask) if m])
         turn1, turn2 = traj.texts
         box = parse_box(turn1) if "```json" in turn1 else parse_tool_call(turn1)[0]
-        assert is_valid_box(box, traj.input_size) and box[2] - box[0] in sides
+        assert is_valid_box(box, traj.input_size, 28) and box[2] - box[0] in sides
         # turn 1 boxes the place it names; the crop is that box; turn 2 names the pattern of a frame held whole
         place, crop = named_place(turn1), traj.crop_boxes[0]
         assert crop == to_original(box, traj.input_size, traj.original_size)

@@ -5,6 +5,7 @@ import glob
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 import memory
 from config import parse_config
 from config import check_config
+from family import QWEN2_5_VL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
@@ -154,3 +156,60 @@ def test_device_check_small_cpu_run_matches_the_ledger():
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "peak rollout" in out.stdout and "peak update" in out.stdout and "ms/token" in out.stdout
+
+
+def test_chunk_rows_by_hand():
+    # rollout.chunks: whole groups when rollout_batch_size >= G, else a slice of one group (or of two)
+    g16 = lambda size: memory.chunk_rows(SimpleNamespace(rollout_batch_size=size, num_generations=16), 512)  # noqa
+    assert [g16(s) for s in (16, 20, 40, 4, 6, 12, 0)] == [(16, 1), (16, 1), (32, 2), (4, 1), (6, 2), (12, 2),
+                                                            (512, 32)]
+    assert memory.chunk_rows(SimpleNamespace(rollout_batch_size=4, num_generations=16), 512, after=False) == (512, 32)
+
+
+def test_lfpc_rounds_continue_and_micro_batches_by_hand():
+    """LFPC's budgets: 16,384 + 5 x 4,096 visual, 512 + 5 x 64 text and 2,048 sampled tokens = 39,744. The last
+    round prefills 64 + 4,096 tokens on 35,584 cached; re-encoding (before issue 23) prefilled all 39,744."""
+    cfg = recipe_config(os.path.join(ROOT, "recipes", "lfpc_stage1_qwen2_5_vl_7b.yaml"))
+    shape = memory.trajectory_calls(cfg)
+    assert shape["tokens"] == 39_744 and shape["shortest"] == 512 + 16_384 + 1
+    first, last = shape["calls"]
+    assert first == dict(cached=0, new=512 + 16_384, new_patches=4 * 16_384, shared=True)
+    assert last == dict(cached=39_744 - 4_160, new=4_160, new_patches=4 * 4_096, shared=False)
+    assert memory.trajectory_calls(cfg, continued=False)["calls"][1]["new"] == 39_744
+    # the update's micro-batch: micro_batch_size x the longest, or a token budget: 40,960 fits 2 of the shortest
+    # (2 x 16,897), and at most 4 patches per token
+    budget = lambda n: SimpleNamespace(max_tokens_per_micro_batch=n, micro_batch_size=1)  # noqa: E731
+    assert memory.micro_batch_shape(budget(0), shape) == (39_744, 4 * (16_384 + 5 * 4_096))
+    assert memory.micro_batch_shape(budget(40_960), shape) == (40_960, 4 * 40_960)
+    assert memory.micro_batch_shape(budget(10_000), shape) == (39_744, 4 * (16_384 + 5 * 4_096))  # one, alone
+    # the KV cache at 12 rows: 12 x 39,744 tokens x 56 KiB, before the last round's call and at its end (x 29/28)
+    prediction = memory.predict(cfg, memory.load_model_config(memory.model_config_path(
+        "lfpc_stage1_qwen2_5_vl_7b.yaml")), 8)
+    assert prediction["rollout: prefill"]["KV cache (before the call and its prefill)"] == 12 * 39_744 * 56 * 1024
+    assert prediction["rollout: decode"]["KV cache (whole trajectories)"] == pytest.approx(
+        12 * 39_744 * 56 * 1024 * 29 / 28)
+
+
+def test_rollout_prefills_what_the_ledger_says(policy):
+    """The ledger's calls, measured on a real MGPO rollout (2 prompts x G 4): the first prefill runs the 2 distinct
+    prompts (memory.chunk_rows' `distinct`), all but their last token; turn 2's runs the 8 rows (`rows`) on turn 1's
+    cache, over the new user turn only (its longest, plus the last sampled token, never fed before)."""
+    from tests.helpers import small_rollout
+    model = policy[0]
+    prefills = []
+
+    def record(module, args):
+        rows, columns = args[0].shape[:2]  # the hidden states entering the first decoder layer
+        if columns > 1:  # a decode step feeds one column
+            prefills.append((rows, columns))
+
+    hook = QWEN2_5_VL.language_model(model).layers[0].register_forward_pre_hook(record)
+    try:
+        trajs = small_rollout(policy, seed=0, sample_seed=2)
+    finally:
+        hook.remove()
+    rows, distinct = memory.chunk_rows(SimpleNamespace(rollout_batch_size=0, num_generations=4), 8)
+    first_prompt = max(t.loss_mask.index(1) for t in trajs)
+    user_turn2 = [next(i for i, m in enumerate(t.loss_mask) if i > t.loss_mask.index(1) and m == 0) for t in trajs]
+    new = [t.loss_mask.index(1, start) - start for t, start in zip(trajs, user_turn2)]
+    assert prefills == [(distinct, first_prompt - 1), (rows, max(new) + 1)]

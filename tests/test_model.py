@@ -99,3 +99,14 @@ def test_saved_in_the_checkpoints_own_dtype(tmp_path, tiny_path):
     assert {v.dtype for v in saved.values()} == {torch.bfloat16}
     frozen = load_policy(tiny_path, torch.device("cpu"), torch.float32, frozen=True)[0]
     assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_an_unsupported_model_type_stops_naming_it(tmp_path, tiny_path):
+    """load_policy picks the classes from config.json's model_type (family.family_of): a Qwen2-VL checkpoint (a
+    real type transformers knows, no family here) stops naming its type and the known ones."""
+    for file in Path(tiny_path).iterdir():
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "qwen2_vl"}))
+    with pytest.raises(ValueError, match=r"model_type 'qwen2_vl' .*known: qwen2_5_vl"):
+        load_policy(str(tmp_path), torch.device("cpu"), torch.float32)

@@ -12,6 +12,7 @@ import generation
 import rollout
 from bench import group_prefill_row, lfpc_round_row
 from data import Sample
+from family import QWEN2_5_VL
 from rollout import fork, mgpo_rollout, start_trajectory, tool_rollout
 from demo.synthetic import synthetic_samples
 from tests.test_rollout import BOXES, CFG, training_gap
@@ -79,7 +80,7 @@ def test_rows_of_a_group_share_the_distribution_and_sample_independently(policy,
     """One shared prefill gives every row of a group the same first-token distribution as prefilling each row on
     its own (generate's own prefill), and the rows' draws differ."""
     model, tokenizer, image_processor = policy
-    firsts = [start_trajectory(s, tokenizer, image_processor, "system", "question", 112 * 112, 784)[0]
+    firsts = [start_trajectory(s, tokenizer, image_processor, QWEN2_5_VL, "system", "question", 112 * 112, 784)[0]
               for s in two_samples()]
     trajs = [fork(t) for t in firsts for _ in range(4)]
     seen = first_step_distributions(monkeypatch)

@@ -1,5 +1,6 @@
 """The token-id discipline of the two-turn rollout, and the agreement of rollout and training log-probs."""
 
+import dataclasses
 import warnings
 from types import SimpleNamespace
 
@@ -11,11 +12,13 @@ from transformers import GenerationConfig
 
 import generation
 import rollout
+from chat import close_assistant_turn, encode_images, expand_image_pads
 from data import Sample
+from family import QWEN2_5_VL
 from grpo import batch_logprobs
 from generation import JSON_BLOCK_END, StopAtPattern, end_of_turn_ids, forbidden_token_ids
-from prompts import MGPO_PROMPTS
-from rollout import close_assistant_turn, expand_image_pads, mgpo_rollout
+from prompts import MGPO_PROMPTS, TOOL_PROMPTS
+from rollout import mgpo_rollout
 from demo.synthetic import synthetic_samples
 
 CFG = SimpleNamespace(global_max_pixels=224 * 224, crop_max_pixels=112 * 112, min_pixels=28 * 28,
@@ -111,8 +114,8 @@ def test_generate_samples_from_the_recorded_distribution(policy, qwen_generation
         return tokens
 
     monkeypatch.setattr(torch, "multinomial", spy)
-    first, _ = rollout.start_trajectory(synthetic_samples(1, seed=3)[0], tokenizer, image_processor, "system",
-                                        "question", 112 * 112, 784)
+    first, _ = rollout.start_trajectory(synthetic_samples(1, seed=3)[0], tokenizer, image_processor, QWEN2_5_VL,
+                                        "system", "question", 112 * 112, 784)
     torch.manual_seed(0)
     outs, _ = generation.generate_turn(model, tokenizer, generation.prompt_batch(model, tokenizer, [first] * 4), 10,
                                     temperature=0.7)
@@ -130,7 +133,7 @@ def test_without_mm_token_type_ids_positions_are_wrong(policy, trajectories):
                                  torch.float32)
     del batch["mm_token_type_ids"]
     with torch.no_grad():
-        lp = sequence_logprobs(model, batch, mask, forbidden_token_ids(tokenizer))
+        lp = sequence_logprobs(model, batch, mask, forbidden_token_ids(model, tokenizer))
     t = trajectories[0]
     m = torch.tensor(t.loss_mask, dtype=torch.bool)
     assert (lp[0, :len(t.input_ids)][m] - torch.tensor(t.rollout_logprobs)[m]).abs().max() > 1e-4
@@ -139,7 +142,7 @@ def test_without_mm_token_type_ids_positions_are_wrong(policy, trajectories):
 def test_conversation_is_the_chat_template_with_sampled_ids_inside(policy, trajectories):
     """Decoding the ids gives exactly the chat template's rendering of the conversation; the loss mask covers
     exactly the two assistant turns' sampled ids."""
-    _, tokenizer, _ = policy
+    model, tokenizer, _ = policy
     for t in trajectories:
         ids, mask = t.input_ids, t.loss_mask
         runs = [(i, j) for i, j in _runs(mask)]
@@ -159,14 +162,14 @@ def test_conversation_is_the_chat_template_with_sampled_ids_inside(policy, traje
                     {"role": "user", "content": [{"type": "text", "text": intro}, {"type": "image"},
                                                  {"type": "text", "text": turn2}]}]
         expected = expand_image_pads(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                                   tokenize=False), t.image_grid_thw)
+                                                                   tokenize=False), t.image_grid_thw, QWEN2_5_VL)
         decoded = tokenizer.decode(ids)
         assert decoded.startswith(expected)
         assert decoded[len(expected):] == tokenizer.decode(ids[runs[1][0]:])
         # the image placeholders match the images: what the forward checks
         n_pad = sum(i == tokenizer.convert_tokens_to_ids("<|image_pad|>") for i in ids)
         assert n_pad == int(t.image_grid_thw.prod(-1).sum()) // 4
-        assert not set(forbidden_token_ids(tokenizer)) & {ids[k] for k in range(len(ids)) if mask[k]}
+        assert not set(forbidden_token_ids(model, tokenizer)) & {ids[k] for k in range(len(ids)) if mask[k]}
 
 
 class StopRowsEarly(StopAtPattern):
@@ -273,8 +276,8 @@ def test_a_turn_ends_at_any_end_id_of_the_checkpoint(policy, qwen_generation_con
             logits[..., endoftext] += 1e4
         return logits
 
-    first, _ = rollout.start_trajectory(synthetic_samples(1, seed=3)[0], tokenizer, image_processor, "system",
-                                        "question", 112 * 112, 784)
+    first, _ = rollout.start_trajectory(synthetic_samples(1, seed=3)[0], tokenizer, image_processor, QWEN2_5_VL,
+                                        "system", "question", 112 * 112, 784)
     batch = generation.prompt_batch(model, tokenizer, [first] * 2)
     hook = model.lm_head.register_forward_hook(endoftext_second)
     try:
@@ -335,7 +338,43 @@ def test_images_are_encoded_at_the_size_we_resized_them_to(policy):
     _, _, image_processor = policy
     assert image_processor.size["longest_edge"] == 224 * 224  # its max_pixels
     big = Image.new("RGB", (448, 336), (10, 200, 30))
-    pixels, grids = rollout.encode_images(image_processor, [big])
+    pixels, grids = encode_images(image_processor, [big])
     assert grids.tolist() == [[1, 336 // 14, 448 // 14]] and pixels[0].shape[0] == 24 * 32  # patches of 14 px
     with pytest.raises(ValueError, match="multiples of 28"):
-        rollout.encode_images(image_processor, [Image.new("RGB", (100, 100))])
+        encode_images(image_processor, [Image.new("RGB", (100, 100))])
+
+
+def test_boxes_are_read_in_the_frame_of_the_trajectorys_family(monkeypatch):
+    """A box the model wrote is mapped and judged in its family's frame: absolute pixels of the 448 x 336 input, or
+    thousandths of the image (relative, Qwen3-VL's); validity in input pixels, the crop on a 1792 x 1344 original."""
+    relative = dataclasses.replace(QWEN2_5_VL, frame="relative")
+    original = Image.new("RGB", (1792, 1344), "white")
+    cfg = SimpleNamespace(min_pixels=784, crop_max_pixels=112 * 112, min_box_side=28, probe="none",
+                          max_response_tokens=100, max_turns=5)
+
+    def trajectory(family):
+        return SimpleNamespace(sample=None, family=family, crop_boxes=[], input_size=(448, 336),
+                               original_size=original.size, texts=[], loss_mask=[1], tool_calls=0)
+
+    for family, box in [(QWEN2_5_VL, [112, 84, 224, 168]), (relative, [250, 250, 500, 500])]:
+        traj = trajectory(family)
+        crop = rollout.cut_crop(traj, original, box, cfg)
+        assert traj.crop_boxes == [[448, 336, 896, 672]]  # by hand: 4x each way / 1792 * 0.25 = 448, ...
+        assert crop.size == (112, 84)  # 448 x 336 under 112 * 112 px: sqrt(12) smaller, floored to 28s
+    # [0, 0, 60, 60]: 60 x 60 input px (valid), or 26.9 x 20.2 (relative: too small); x2 = 500 > 448 is outside
+    # the absolute input, 224 x 100.8 px inside it when relative
+    for box, absolute_ok, relative_ok in [([0, 0, 60, 60], True, False), ([0, 0, 500, 300], False, True)]:
+        assert rollout.valid_box(trajectory(QWEN2_5_VL), box, 28) is absolute_ok
+        assert rollout.valid_box(trajectory(relative), box, 28) is relative_ok
+    # the tool's error names the frame the model writes in; [0, 0, 500, 20]: outside, or 224 x 6.7 px
+    sent = []
+    monkeypatch.setattr(rollout, "append_user_turn", lambda traj, tok, proc, parts: sent.append(parts))
+    call = '<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [0, 0, 500, 20]}}</tool_call>'
+    for family in (QWEN2_5_VL, relative):
+        traj = trajectory(family)
+        traj.texts.append(call)
+        assert rollout.tool_step(traj, original, None, None, cfg, TOOL_PROMPTS) and traj.tool_calls == 1
+    assert sent[0] == [TOOL_PROMPTS.error.format(
+        error="bbox_2d [0.0, 0.0, 500.0, 20.0] is outside the 448x336 image or under 28 pixels")]
+    assert sent[1] == [TOOL_PROMPTS.error.format(
+        error="bbox_2d [0.0, 0.0, 500.0, 20.0] is outside the 1000x1000 image or under 28 pixels")]
