@@ -41,9 +41,10 @@ from config import opt, parse_config, rollout_config
 from crop import box_metrics
 from data import LETTERS, load_image
 from distributed import setup_distributed
+from family import family_of
 from model import default_device, load_policy
 from pictures import save_picture, trajectory_picture
-from prompts import DIRECT_PROMPT, DIRECT_SYSTEM, MGPO_PROMPTS, TOOL_PROMPTS
+from prompts import DIRECT_PROMPT, DIRECT_SYSTEM, prompts_for
 from rewards import COVERAGE_THRESHOLD, accuracy_reward, tool_accuracy_reward
 from rollout import direct_rollout, mgpo_rollout, tool_rollout, visual_tokens
 from demo.synthetic import synthetic_samples
@@ -117,10 +118,11 @@ def load_questions(cfg):
     return read_benchmark(cfg.data)
 
 
-def prompt_wording(mode):
-    """The exact template strings of a mode, printed with the results."""
+def prompt_wording(mode, family):
+    """The exact template strings of a mode, in the frame of the model's `family`, printed with the results."""
+    prompts = prompts_for(family)
     return {"direct": {"system": DIRECT_SYSTEM, "user": DIRECT_PROMPT},
-            "mgpo": asdict(MGPO_PROMPTS), "tool": asdict(TOOL_PROMPTS)}[mode]
+            "mgpo": asdict(prompts.mgpo), "tool": asdict(prompts.tool)}[mode]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -291,18 +293,18 @@ def evaluate(cfg):
     if cfg.probe != "none":
         runs[f"accuracy_change_{cfg.probe}"] = runs[f"probe_{cfg.probe}"]["accuracy"] - runs["unprobed"]["accuracy"]
     if rank == 0:
-        write_results(cfg, rcfg, runs, all_records)
+        write_results(cfg, rcfg, family_of(policy[0].config), runs, all_records)
     if dist.is_initialized():
         dist.barrier()  # rank 0 wrote the results; tearing down before the others can abort gloo
         dist.destroy_process_group()
     return runs
 
 
-def write_results(cfg, rcfg, runs, records):
+def write_results(cfg, rcfg, family, runs, records):
     protocol = {"mode": cfg.mode, "data": cfg.data, "shuffled_options": not cfg.no_shuffle, "seed": cfg.seed,
                 "global_max_pixels": rcfg.global_max_pixels, "crop_max_pixels": rcfg.crop_max_pixels,
                 "decoding": f"sampled, temperature {cfg.temperature}" if rcfg.do_sample else "greedy",
-                "prompts": prompt_wording(cfg.mode)}
+                "prompts": prompt_wording(cfg.mode, family)}
     with open(os.path.join(cfg.output_dir, "results.json"), "w") as f:
         json.dump({"protocol": protocol, "config": asdict(cfg), "runs": runs, "records": records}, f, indent=1)
     table = markdown(runs)

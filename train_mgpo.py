@@ -21,7 +21,7 @@ from model import gathered
 from report import held_out, report_after
 from rewards import mgpo_format_ok, mgpo_reward
 from rollout import direct_rollout, mgpo_rollout
-from demo.tiny import COMMITTED, DEMO_MIN_BOX_SIDE
+from demo.tiny import COMMITTED, DEMO_MIN_BOX_SIDE, TINY_NAMES
 from training import (batch_stream, count_nonfinite, finish, load_training_samples, log_step, open_metrics_log,
                       save_due, setup, step_metrics, steps)
 
@@ -78,7 +78,7 @@ def rollout(ctx, cfg, prompts):
 
 
 def train(cfg):
-    if cfg.model != "tiny" and cfg.model not in COMMITTED and cfg.learning_rate > 1e-5:
+    if cfg.model not in TINY_NAMES and cfg.model not in COMMITTED and cfg.learning_rate > 1e-5:
         print(f"note: --learning_rate {cfg.learning_rate:g} is the tiny demo's; MGPO used 1e-6 for Qwen2.5-VL-7B")
     ctx = setup(cfg)
     mode, metrics_fn = ("direct", direct_metrics) if cfg.direct else ("mgpo", mgpo_metrics)  # eval.py's modes

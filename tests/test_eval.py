@@ -16,10 +16,11 @@ import rollout
 from config import parse_config
 from crop import crop_original, resize_for_model
 from data import Sample
-from family import QWEN2_5_VL
-from eval import (Config, accuracy, by_first_crop, evaluate, first_crop_class, protocol_samples, rank_share,
-                  shuffle_options)
 from demo.synthetic import synthetic_samples
+from eval import (Config, accuracy, by_first_crop, evaluate, first_crop_class, prompt_wording, protocol_samples,
+                  rank_share, shuffle_options)
+from family import QWEN2_5_VL, QWEN3_VL
+from prompts import MGPO_PROMPTS
 from tests.test_fsdp import ROOT
 
 FAST = ["--num_synthetic", "4", "--max_new_tokens", "8", "--max_new_tokens_turn1", "12", "--max_new_tokens_turn2",
@@ -181,3 +182,10 @@ def test_sampled_decoding_is_seeded_and_says_so(tmp_path):
         assert result["config"]["temperature"] == (0.0 if name == "greedy" else 1.0)  # as given on the command line
     assert texts["sampled"] == texts["again"]  # --seed fixes the draws
     assert texts["sampled"] != texts["greedy"]  # the untrained tiny model's samples are not its argmax
+
+
+def test_results_print_the_prompts_in_the_models_frame():
+    """results.json names the wording the model was asked in: a relative-frame family's asks for 0..1000 boxes."""
+    assert prompt_wording("mgpo", QWEN2_5_VL)["turn1"] == MGPO_PROMPTS.turn1
+    assert "from 0 to 1000" in prompt_wording("mgpo", QWEN3_VL)["turn1"]
+    assert "from 0 to 1000" in prompt_wording("tool", QWEN3_VL)["system"]
