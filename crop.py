@@ -278,19 +278,17 @@ def coverage(pred, target):
 
 
 def box_metrics(box, gt_boxes, size):
-    """(iou, coverage, area ratio) of a predicted box in original pixels: IoU and coverage against the
-    best-matching ground-truth box, the one of highest IoU (the first on a tie), and the box's share of an image of
-    size (W, H). The best match because a sample may hold several boxes (V*: one per target; LFPC stage II: nested
-    ones, smallest first) and a crop aims at one of them: scoring against boxes[0] would count a crop of the second
-    target as a miss. Both numbers come from the same box, so coverage is not taken from a different one. Without
-    ground-truth boxes: (None, None, area ratio).
+    """(iou, coverage, area ratio) of a predicted box in original pixels, by LFPC's rule for nested boxes (the
+    grounding reward's, `rewards.grounding_reward`): coverage of the first box, B1 (smallest first: the least region
+    that answers the question, so "does the crop hold the object"), IoU with the best-matching box (any of the
+    nested regions is a good crop), and the box's share of an image of size (W, H). Without ground-truth boxes:
+    (None, None, area ratio). Training and eval both report these.
     Example: [0, 0, 500, 250] in 1000 x 500, boxes [[100, 100, 200, 200], [50, 50, 300, 300]]: IoUs
-    10000 / 125000 = 0.08 and 50000 / 137500 = 0.364 -> the second: (0.364, 50000 / 62500 = 0.8, 0.25)."""
+    10000 / 125000 = 0.08 and 50000 / 137500 = 0.364 -> 0.364; B1 lies inside it: coverage 1; area 0.25."""
     area = box_area_ratio(box, size)
     if not gt_boxes:
         return None, None, area
-    best = max(gt_boxes, key=lambda gt: iou(box, gt))  # max keeps the first of equal IoUs
-    return iou(box, best), coverage(box, best), area
+    return max(iou(box, gt) for gt in gt_boxes), coverage(box, gt_boxes[0]), area
 
 
 def l1_distance(a, b, size):

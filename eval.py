@@ -16,8 +16,8 @@ The protocol, printed with every result:
   rotations of each rotation's accuracy (`accuracy`);
 - the global view is resized under `--global_max_pixels` and every crop, cut from the original, under
   `--crop_max_pixels` (the LFPC paper's 1,024 vs 16,384 visual-token comparison is one flag);
-- a crop is scored against its best-matching ground-truth box, the one of highest IoU (`crop.box_metrics`, as
-  in training; V* has one box per target, not nested boxes);
+- a crop's IoU is with its best-matching ground-truth box and its coverage is of the first (smallest) box, as
+  in training and as LFPC's grounding reward (`crop.box_metrics`; V* has one box per target, not nested boxes);
 - each run also splits the questions by their first crop's coverage of the ground truth (`by_first_crop`:
   covers > 0.9, partial, misses, no crop) with the share and accuracy of each: whether answers follow the crop;
 - `--probe gt|noise` runs the same questions twice, without and with the probe (the predicted crop replaced by

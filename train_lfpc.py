@@ -125,8 +125,8 @@ def reward_parts(traj, cfg):
 
 
 def lfpc_metrics(trajs, cfg):
-    """{name: (sum, count)} over this rank's episodes; crop metrics over all crops made, each against its
-    best-matching ground-truth box (crop.box_metrics)."""
+    """{name: (sum, count)} over this rank's episodes; crop metrics over all crops made: IoU with the
+    best-matching ground-truth box, coverage of the first (smallest) one (crop.box_metrics)."""
     n = len(trajs)
     parts = [reward_parts(t, cfg) for t in trajs]
     crops = [(t, box_metrics(box, t.sample.boxes, t.original_size)) for t in trajs for box in t.crop_boxes]

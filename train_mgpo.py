@@ -47,8 +47,8 @@ class Config(TrainConfig):
 
 def mgpo_metrics(trajs, rewards):
     """{name: (sum, count)} over this rank's trajectories. An invalid box scores IoU and coverage 0, so their means
-    show grounding and box validity together; IoU and coverage are against the best-matching ground-truth box
-    (crop.box_metrics)."""
+    show grounding and box validity together; IoU with the best-matching ground-truth box, coverage of the first
+    (smallest) one (crop.box_metrics)."""
     valid = [t for t in trajs if t.box_valid]
     scored = [box_metrics(t.box_original, t.sample.boxes, t.original_size) for t in valid]
     grounded = [m for m in scored if m[0] is not None]  # valid boxes of samples with ground-truth boxes

@@ -536,23 +536,23 @@ def test_box_area_ratio_hand_cases():
     assert box_area_ratio([0, 0, 10, 10], (0, 0)) == 0.0
 
 
-def test_box_metrics_scores_against_the_highest_iou_box():
+def test_box_metrics_follow_the_grounding_rewards_rule():
     # 1000 x 500 image; B1 = [100, 100, 200, 200] (10,000 px), B2 = [50, 50, 300, 300] (62,500 px) around it.
-    # [0, 0, 500, 250] (125,000 px) holds all of B1: IoU 10000 / 125000 = 0.08; overlaps B2 in [50, 50, 300, 250]
-    # = 50,000 px: IoU 50000 / (125000 + 62500 - 50000) = 0.364 -> B2, coverage 50000 / 62500 = 0.8, area 0.25
+    # [0, 0, 500, 250] (125,000 px) holds all of B1 (coverage 1): IoU 10000 / 125000 = 0.08 with B1; it overlaps B2
+    # in [50, 50, 300, 250] = 50,000 px: IoU 50000 / (125000 + 62500 - 50000) = 0.364, the best; area 0.25
     gt = [[100, 100, 200, 200], [50, 50, 300, 300]]
-    assert box_metrics([0, 0, 500, 250], gt, (1000, 500)) == (pytest.approx(50000 / 137500), pytest.approx(0.8),
-                                                                pytest.approx(0.25))
-    # exactly B1: IoU 1 with B1 (0.16 with B2); coverage of B1 1, though B2's would be 0.16
+    assert box_metrics([0, 0, 500, 250], gt, (1000, 500)) == (pytest.approx(50000 / 137500), 1.0, pytest.approx(0.25))
+    # exactly B1: IoU 1 with B1 (0.16 with B2); coverage of B1 1
     assert box_metrics([100, 100, 200, 200], gt, (1000, 500)) == (1.0, 1.0, pytest.approx(0.02))
-    # equal IoUs (two targets of equal size, the box halfway): the first; no ground truth: None, None, area
-    assert box_metrics([0, 0, 20, 10], [[0, 0, 10, 10], [10, 0, 20, 10]], (100, 100)) == (0.5, 1.0, 0.02)
+    # B2 exactly: IoU 1 (with B2), but it holds B1 whole: coverage 1; a box beside B1 inside B2 covers none of B1
+    assert box_metrics([50, 50, 300, 300], gt, (1000, 500))[:2] == (1.0, 1.0)
+    assert box_metrics([210, 50, 300, 300], gt, (1000, 500))[1] == 0.0
     assert box_metrics([0, 0, 50, 20], [], (100, 100)) == (None, None, pytest.approx(0.1))
     assert box_metrics([0, 0, 50, 20], None, (100, 100)) == (None, None, pytest.approx(0.1))
 
 
 def test_box_metrics_against_pixel_masks():
-    """IoU and coverage counted pixel by pixel on integer boxes, the best box chosen by the counted IoU."""
+    """IoU (the best over the boxes) and coverage (of the first box) counted pixel by pixel on integer boxes."""
     rng = random.Random(0)
     size = (40, 30)
 
@@ -569,7 +569,6 @@ def test_box_metrics_against_pixel_masks():
         box, gt = rand_box(), [rand_box() for _ in range(rng.randint(1, 3))]
         counted = [((mask(box) & mask(g)).sum() / (mask(box) | mask(g)).sum(), (mask(box) & mask(g)).sum()
                     / mask(g).sum()) for g in gt]
-        best = max(range(len(gt)), key=lambda i: counted[i][0])
         got = box_metrics(box, gt, size)
-        assert got[0] == pytest.approx(counted[best][0]) and got[1] == pytest.approx(counted[best][1])
+        assert got[0] == pytest.approx(max(c[0] for c in counted)) and got[1] == pytest.approx(counted[0][1])
         assert got[2] == pytest.approx(mask(box).sum() / (size[0] * size[1]))

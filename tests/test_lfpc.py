@@ -64,11 +64,11 @@ def test_metrics_count_crops_and_visual_tokens():
     eps = [episode([GOOD], [[100, 100, 200, 200], [0, 0, 500, 250]]), episode([GOOD], [])]
     m = lfpc_metrics(eps, Config())
     assert m["tool_calls"] == (2, 2) and m["valid_crops"] == (2, 2)
-    # each crop against its best-matching box (highest IoU): the first crop is B1 exactly (IoU 1, coverage 1); the
-    # second [0, 0, 500, 250] matches B2 = [50, 50, 300, 300] (IoU 50000 / 137500, vs 10000 / 125000 with B1),
-    # which it covers 50000 / 62500 = 0.8
+    # IoU with the best-matching box, coverage of B1: the first crop is B1 exactly (IoU 1, coverage 1); the second
+    # [0, 0, 500, 250] matches B2 = [50, 50, 300, 300] best (IoU 50000 / 137500, vs 10000 / 125000 with B1) and
+    # holds all of B1 (coverage 1)
     assert m["crop_iou"] == (pytest.approx(1.0 + 50000 / 137500), 2)
-    assert m["crop_coverage"] == (pytest.approx(1.0 + 0.8), 2)
+    assert m["crop_coverage"] == (pytest.approx(2.0), 2)
     assert m["crop_area_ratio"] == (pytest.approx(0.02 + 0.25), 2)
     assert m["visual_tokens"] == (16 + 4 + 4 + 16, 2) and m["crop_visual_tokens"] == (8, 2)
 
