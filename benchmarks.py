@@ -61,8 +61,9 @@ def read_vstar(folder: str | Path, skipped: list[str] | None = None) -> list[Sam
 
     The correct option is always listed first, so every answer is "A" (eval shuffles the options before asking).
     `bbox` holds one [x, y, w, h] per target object and becomes [x1, y1, x2, y2]; these boxes are not nested like
-    ours: eval's crop IoU is with the best-matching target, its coverage of the first. The folder's test_questions.jsonl repeats the
-    questions in another form and is not needed: the per-image JSON files are the source of truth.
+    ours: eval's crop IoU is with the best-matching target, its coverage of the first. The folder's
+    test_questions.jsonl repeats the questions in another form and is not needed: the per-image JSON files are the
+    source of truth.
 
     >>> s = read_vstar("benchmarks/vstar_bench")[0]
     >>> s.id, s.answer, s.boxes, s.meta["target_object"]
