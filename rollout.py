@@ -274,9 +274,10 @@ def tool_rollout(model, tokenizer, image_processor, samples, num_generations, cf
     tool call, after `max_turns` executed calls (the model then had its last turn), or when its sampled tokens
     reach `max_response_tokens`. `cfg` needs: global_max_pixels, crop_max_pixels, min_pixels, max_turns,
     max_response_tokens, max_new_tokens_per_turn, temperature, rollout_batch_size."""
-    prompts = prompts or prompts_for(family_of(model.config)).tool
+    family = family_of(model.config)
+    prompts = prompts or prompts_for(family).tool
     trajs, originals = start_groups(
-        samples, tokenizer, image_processor, family_of(model.config), num_generations, cfg, prompts.system,
+        samples, tokenizer, image_processor, family, num_generations, cfg, prompts.system,
         lambda s: prompts.user.format(question=s.question, choices=format_choices(s.options)))
     for part in chunks(model, range(len(trajs)), cfg.rollout_batch_size, num_generations):
         part = part or []  # None: a rank out of chunks joins the others' rounds with a stand-in
