@@ -16,12 +16,12 @@ from transformers.utils import logging as hf_logging
 from checkpoint import save_checkpoint
 from config import TrainConfig, opt, parse_config, recipe_for
 from crop import box_metrics
+from demo.tiny import COMMITTED, DEMO_MIN_BOX_SIDE, TINY_NAMES
 from grpo import group_advantages, grpo_update
 from model import gathered
 from report import held_out, report_after
 from rewards import mgpo_format_ok, mgpo_reward
 from rollout import direct_rollout, mgpo_rollout
-from demo.tiny import COMMITTED, DEMO_MIN_BOX_SIDE, TINY_NAMES
 from training import (batch_stream, count_nonfinite, finish, load_training_samples, log_step, open_metrics_log,
                       save_due, setup, step_metrics, steps)
 

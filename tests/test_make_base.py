@@ -5,21 +5,21 @@ import random
 from collections import Counter
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from answers import extract_answer_tag, extract_boxed
 from config import parse_config
 from crop import coverage, is_valid_box, parse_box, parse_tool_call, to_original
-import numpy as np
+from demo.make_base import (PLACES, Config, box_ids, build_base_tokenizer, build_model, freeze_language_model,
+                            make_base, make_conversations, make_pointing_examples, make_reading_examples,
+                            mgpo_turn1_ids, reading_accuracy, sft, template_batches, tool_turn1_ids)
 from demo.synthetic import FRAME_COLOURS
-from demo.make_base import (PLACES, Config, box_ids, build_base_tokenizer, build_model, freeze_language_model, make_base,
-                       make_conversations, make_pointing_examples, make_reading_examples, mgpo_turn1_ids,
-                       reading_accuracy, sft, template_batches, tool_turn1_ids)
-from model import load_policy
-from answers import extract_answer_tag, extract_boxed
-from rollout import mgpo_rollout
 from demo.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, check_prompt_fingerprint
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from model import load_policy
+from rollout import mgpo_rollout
 
 SMALL = ["--num_images", "6", "--steps", "3", "--batch_size", "2", "--log_every", "1", "--hidden_size", "32",
          "--intermediate_size", "64", "--num_heads", "2", "--mrope_section", "1,3,4", "--vision_hidden_size", "32",
