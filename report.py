@@ -13,10 +13,11 @@ import os
 from dataclasses import replace
 
 from benchmarks import read_benchmark
+from curves import draw_curves
+from demo.synthetic import synthetic_samples
 from eval import HELD_OUT_SEED, answer_all, gather, metrics
 from model import gathered
-from pictures import draw_curves, save_picture
-from demo.synthetic import synthetic_samples
+from pictures import save_picture
 
 # (metrics key, column title) of the table; eval.metrics computes every one of them
 COLUMNS = [("accuracy", "accuracy"), ("crop_iou", "IoU"), ("crop_coverage", "coverage"),

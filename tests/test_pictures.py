@@ -1,6 +1,6 @@
 """
-Tests for pictures.py. Positions are found in the saved PNG itself: the scaled original is located by its fill
-colour, so the expected place of a box is computed from what was drawn, not from the module's layout arithmetic.
+Tests for pictures.py and curves.py. Positions are found in the saved PNG itself: the scaled original is located by
+its fill colour, so the expected place of a box is computed from what was drawn, not from the module's layout arithmetic.
 """
 
 import math
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from pictures import (GREEN, MAX_TEXT_LINES, RED, TURN_SEP, colour, draw_curves, draw_trajectory, load_font,
-                      save_picture, trajectory_picture, wrap)
+from curves import draw_curves
+from pictures import (GREEN, MAX_TEXT_LINES, RED, TURN_SEP, colour, draw_trajectory, load_font, save_picture,
+                      trajectory_picture, wrap)
 
 # The background of the synthetic original, found again in the picture to locate it: a tint that no grey text
 # and no box colour blended with white produces.
