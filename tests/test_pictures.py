@@ -1,6 +1,7 @@
 """
 Tests for pictures.py and curves.py. Positions are found in the saved PNG itself: the scaled original is located by
-its fill colour, so the expected place of a box is computed from what was drawn, not from the module's layout arithmetic.
+its fill colour, so the expected place of a box is computed from what was drawn, not from the module's layout
+arithmetic.
 """
 
 import math
