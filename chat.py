@@ -32,25 +32,50 @@ def encode_prompt(tokenizer, family, system, parts, grids):
     return tokenizer(expand_image_pads(text, grids, family), add_special_tokens=False)["input_ids"]
 
 
+# An assistant turn's content in the renderings below: text no template writes itself or rewrites (no whitespace
+# to trim, no <think> tags to split), so that where it ends in a rendering is unambiguous.
+TURN = "\x00turn\x00"
+# A conversation that ends with such a turn. The user query is there because some templates refuse a conversation
+# without one (Qwen3.5: "No user query found in messages.").
+HEAD = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": TURN}]
+
+
+def after_turn(tokenizer, messages, **kwargs):
+    """The chat template's text after the content of HEAD's assistant turn, with `messages` following it.
+    E.g. Qwen's templates, messages=[]: '<|im_end|>\\n'."""
+    text = tokenizer.apply_chat_template(HEAD + messages, tokenize=False, **kwargs)
+    if text.count(TURN) != 1:
+        raise ValueError("the checkpoint's chat template does not write an assistant turn's content as given, so the "
+                         "rollout cannot tell where a sampled turn ends in its renderings")
+    return text.split(TURN)[1]
+
+
 def encode_user_turn(tokenizer, family, parts, grids):
-    """Ids of a later user turn plus the next assistant header, cut from the chat template's own rendering:
-    the rendering of [..., assistant, user] minus that of [..., assistant]. E.g. for Qwen2.5-VL:
+    """Ids of a later user turn plus the next assistant header, cut from the chat template's own rendering of
+    [..., assistant, user]: what follows the assistant turn's closing (`close_assistant_turn`). E.g. for Qwen2.5-VL:
     '<|im_start|>user\\n', the family's vision start, the image's placeholders, vision end, then
-    'text<|im_end|>\\n<|im_start|>assistant\\n'."""
-    head = [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]
-    before = tokenizer.apply_chat_template(head, tokenize=False)
-    after = tokenizer.apply_chat_template(head + [{"role": "user", "content": user_content(parts)}],
-                                          add_generation_prompt=True, tokenize=False)
-    assert after.startswith(before), "chat template renders a prefix differently once a turn is added"
-    return tokenizer(expand_image_pads(after[len(before):], grids, family), add_special_tokens=False)["input_ids"]
+    'text<|im_end|>\\n<|im_start|>assistant\\n' (Qwen3.5 and Qwen3-VL-Thinking add '<think>\\n').
+
+    The cut is taken after the turn, not as the difference of two whole renderings: thinking templates write the
+    last assistant turn with a (possibly empty) <think> block and earlier ones without, so a conversation renders
+    differently once a turn is added. The rollout keeps the sampled ids as they are either way."""
+    closing = after_turn(tokenizer, [])
+    after = after_turn(tokenizer, [{"role": "user", "content": user_content(parts)}], add_generation_prompt=True)
+    if not after.startswith(closing):
+        raise ValueError(f"the checkpoint's chat template ends an assistant turn with {closing!r} when it is the last "
+                         f"one but with {after[:len(closing)]!r} when a user turn follows; the rollout appends turns "
+                         f"to sampled ids and needs one closing")
+    return tokenizer(expand_image_pads(after[len(closing):], grids, family), add_special_tokens=False)["input_ids"]
 
 
 def close_assistant_turn(tokenizer, sampled):
-    """Ids that end an assistant turn the way the chat template does: '<|im_end|>\\n', of which the model may
-    already have sampled the '<|im_end|>' (it stops there); a turn cut by a stop string or the length limit, or
-    ended by another of the checkpoint's end ids (Qwen's <|endoftext|>, kept as sampled), gets the whole closing."""
-    text = "\n" if sampled and sampled[-1] == tokenizer.eos_token_id else tokenizer.eos_token + "\n"
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    """Ids that end an assistant turn the way the chat template does (Qwen's: '<|im_end|>\\n'), read from the
+    template itself rather than from tokenizer.eos_token, which a checkpoint may set to <|endoftext|>. The model may
+    already have sampled the closing's first token (it stops there): then only the rest. A turn cut by a stop string
+    or the length limit, or ended by another of the checkpoint's end ids (Qwen's <|endoftext|>, kept as sampled),
+    gets the whole closing."""
+    ids = tokenizer(after_turn(tokenizer, []), add_special_tokens=False)["input_ids"]
+    return ids[1:] if sampled and ids and sampled[-1] == ids[0] else ids
 
 
 def encode_images(image_processor, images):

@@ -47,8 +47,8 @@ CHAT_TEMPLATE = (
 )
 # Qwen3-VL-Instruct's layout: no default system message. The real Qwen3.5 template (and Qwen3-VL-Thinking's) also
 # writes <think> blocks (an open <think> after the assistant header, reasoning kept only after the last user
-# turn); the tiny template leaves them out, since the rollout cuts each later user turn from the template's own
-# rendering (chat.encode_user_turn) and needs earlier turns to render the same once a turn is added.
+# turn); the tiny template leaves them out. tests/test_chat_template.py runs the rollout's pieces through the real
+# templates (tests/fixtures/templates).
 QWEN3_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
     "{% endif %}", "")

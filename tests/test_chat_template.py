@@ -28,11 +28,11 @@ import rollout
 from data import format_choices
 from model import load_policy
 from prompts import MGPO_PROMPTS, TOOL_PROMPTS, ZOOM_TOOL
-from chat import close_assistant_turn, expand_image_pads
-from family import QWEN2_5_VL
+from chat import close_assistant_turn, encode_prompt, encode_user_turn, expand_image_pads
+from family import QWEN2_5_VL, QWEN3_VL
 from rollout import append_sampled, apply_turn1_box, mgpo_rollout, start_trajectory, tool_rollout, tool_step
 from demo.synthetic import synthetic_samples
-from demo.tiny import TINY_BASE, TINY_TOOL_BASE
+from demo.tiny import TINY_BASE, TINY_TOOL_BASE, build_tiny_tokenizer, tiny_spec
 
 QWEN25_VL_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
@@ -349,3 +349,108 @@ def test_checkpoint_without_chat_template_stops_at_start_up(tmp_path):
     (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": QWEN25_VL_TEMPLATE}))
     _, tokenizer, _ = load_policy(str(path), *CPU)
     assert tokenizer.chat_template == QWEN25_VL_TEMPLATE
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Qwen3 families' published templates (tests/fixtures/templates, sources in its README.md) with a tiny Qwen3
+# tokenizer: Qwen3-VL-Instruct writes no <think>; Qwen3-VL-Thinking and Qwen3.5 open '<think>\n' after the assistant
+# header and drop the reasoning of assistant turns before the last user turn.
+
+TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "templates")
+REAL_TEMPLATES = {  # fixture -> (tiny family of its tokenizer, what its generation prompt opens the turn with)
+    "qwen3_vl_instruct.jinja": ("qwen3-vl", ""),
+    "qwen3_vl_thinking.jinja": ("qwen3-vl", "<think>\n"),
+    "qwen3_5.jinja": ("qwen3.5", "<think>\n"),
+}
+GRIDS = torch.tensor([[1, 8, 8], [1, 4, 6]])  # 16 and 6 visual tokens after the 2 x 2 merge
+IMAGE = Image.new("RGB", (32, 32))
+
+
+def pads(n):
+    return "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>"
+
+
+@pytest.fixture(scope="module", params=list(REAL_TEMPLATES))
+def real(request):
+    """(tokenizer with the published template swapped in, family, what the generation prompt opens)."""
+    family_name, opening = REAL_TEMPLATES[request.param]
+    tokenizer = build_tiny_tokenizer(family_name)
+    with open(os.path.join(TEMPLATE_DIR, request.param), encoding="utf-8") as f:
+        tokenizer.chat_template = f.read()
+    return tokenizer, tiny_spec(family_name).family, opening
+
+
+def test_published_qwen3_vl_instruct_template_is_the_ggufs():
+    """The fixture is byte for byte the template whose size and sha256 TensorSharp pins for Qwen3-VL-8B-Instruct's
+    GGUF (see the README beside it)."""
+    with open(os.path.join(TEMPLATE_DIR, "qwen3_vl_instruct.jinja"), "rb") as f:
+        data = f.read()
+    assert len(data) == 5292
+    assert hashlib.sha256(data).hexdigest() == "3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4"
+
+
+def test_first_prompt_through_a_published_template(real):
+    tokenizer, family, opening = real
+    ids = encode_prompt(tokenizer, family, "sys", [IMAGE, "Where?"], GRIDS[:1])
+    text = (f"<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\n{pads(16)}Where?<|im_end|>\n"
+            f"<|im_start|>assistant\n{opening}")
+    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_closing_of_a_turn_through_a_published_template(real):
+    tokenizer, _, _ = real
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.decode(close_assistant_turn(tokenizer, [5, 6])) == "<|im_end|>\n"
+    assert tokenizer.decode(close_assistant_turn(tokenizer, [5, im_end])) == "\n"
+
+
+@pytest.mark.parametrize("stopped", [True, False])
+def test_two_turns_through_a_published_template(real, stopped):
+    """A two-image conversation built the rollout's way against the template's rendering of it whole, each
+    assistant turn's text as sampled (after the generation prompt's opening). The user turn between the two
+    assistant turns, and the last turn, are the rendering's; the first turn keeps its sampled reasoning, which the
+    thinking templates drop from turns before the last user turn (so their history reads header + answer)."""
+    tokenizer, family, opening = real
+    reasoning = "look at the red frame\n</think>\n\n" if opening else ""
+    turns = [reasoning + "The answer is B.", reasoning + "Still B."]
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    ids = encode_prompt(tokenizer, family, "sys", [IMAGE, "Where?"], GRIDS[:1])
+    prompt = len(ids)
+    ids += encode(turns[0]) + [im_end] * stopped
+    first = len(ids) - stopped
+    ids += close_assistant_turn(tokenizer, ids) + encode_user_turn(tokenizer, family, ["Crop:", IMAGE, "Now?"],
+                                                                     GRIDS[1:])
+    between = len(ids)
+    ids += encode(turns[1])
+
+    messages = [{"role": "system", "content": "sys"},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where?"}]},
+                {"role": "assistant", "content": turns[0]},
+                {"role": "user", "content": [{"type": "text", "text": "Crop:"}, {"type": "image"},
+                                             {"type": "text", "text": "Now?"}]},
+                {"role": "assistant", "content": turns[1]}]
+    whole = tokenizer.apply_chat_template(messages, tokenize=False)
+    history, rest = whole.split("The answer is B.")
+    assert ids[:prompt] == encode(expand_image_pads(history + opening, GRIDS[:1], family))  # then the sampled turn
+    last = opening + turns[1] + "<|im_end|>\n"
+    assert rest.endswith(last)  # the last turn: the generation prompt's opening and the sampled text, verbatim
+    user_turn = rest[:-len(last)]
+    assert user_turn == f"<|im_end|>\n<|im_start|>user\nCrop:{pads(1)}Now?<|im_end|>\n<|im_start|>assistant\n"
+    assert ids[first:between] == encode(expand_image_pads(user_turn + opening, GRIDS[1:], family))
+
+
+def test_template_without_one_closing_is_refused():
+    """A template that ends the last assistant turn otherwise than one followed by a user turn cannot be
+    appended to: a clear error, not a wrong id sequence."""
+    tokenizer = build_tiny_tokenizer("qwen3-vl")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content if m.content is string else '' }}"
+        "{{ '<|im_end|>\n' if loop.last else '<|im_end|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(ValueError, match="ends an assistant turn with '<\\|im_end\\|>\\\\n' when it is the last"):
+        encode_user_turn(tokenizer, QWEN3_VL, ["Now?"], torch.zeros((0, 3), dtype=torch.long))
+    tokenizer.chat_template = "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}"
+    with pytest.raises(ValueError, match="does not write an assistant turn's content"):
+        close_assistant_turn(tokenizer, [5])

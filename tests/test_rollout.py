@@ -1,5 +1,6 @@
 """The token-id discipline of the two-turn rollout, and the agreement of rollout and training log-probs."""
 
+import copy
 import dataclasses
 import warnings
 from types import SimpleNamespace
@@ -260,6 +261,12 @@ def test_close_assistant_turn(policy):
     assert tokenizer.decode(close_assistant_turn(tokenizer, [5, 6])) == "<|im_end|>\n"
     endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")  # sampled and kept; the template closes with im_end
     assert tokenizer.decode(close_assistant_turn(tokenizer, [5, endoftext])) == "<|im_end|>\n"
+    # A checkpoint whose tokenizer names <|endoftext|> its eos: the closing still comes from the template.
+    other = copy.deepcopy(tokenizer)
+    other.eos_token = "<|endoftext|>"
+    assert other.eos_token_id == endoftext
+    for sampled, closing in [([5, eos], "\n"), ([5, 6], "<|im_end|>\n"), ([5, endoftext], "<|im_end|>\n")]:
+        assert other.decode(close_assistant_turn(other, sampled)) == closing
 
 
 def test_a_turn_ends_at_any_end_id_of_the_checkpoint(policy, qwen_generation_config, monkeypatch):
