@@ -2,6 +2,7 @@
 counted activations, the issue's measured 7B peaks, and peaks measured in a real CPU run (device_check.py --small)."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -12,9 +13,10 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 import memory
+import memory_sizes
 from config import parse_config
 from config import check_config
-from family import QWEN2_5_VL
+from family import QWEN2_5_VL, QWEN3_5, QWEN3_VL, family_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
@@ -74,17 +76,17 @@ def test_activation_formulas_match_counted_saved_tensors():
     rotary = model.model.language_model.rotary_emb(x, positions[None].expand(3, 1, tokens))
     layer = model.model.language_model.layers[0]
     measured = saved_bytes(layer, x, position_embeddings=rotary, attention_mask=None, position_ids=positions)
-    assert measured / tokens == pytest.approx(memory.lm_token_bytes(config.text_config), rel=0.02)
+    assert measured / tokens == pytest.approx(memory_sizes.lm_token_bytes(config.text_config), rel=0.02)
     patches = 256
     v = torch.randn(patches, 192, dtype=torch.bfloat16, requires_grad=True)
     cos_sin = (torch.ones(patches, 32), torch.zeros(patches, 32))
     measured = saved_bytes(model.model.visual.blocks[0], v, cu_seqlens=torch.tensor([0, patches], dtype=torch.int32),
                            position_embeddings=cos_sin)
-    assert measured / patches == pytest.approx(memory.vision_patch_bytes(config.vision_config), rel=0.02)
+    assert measured / patches == pytest.approx(memory_sizes.vision_patch_bytes(config.vision_config), rel=0.02)
     # the issue's figures at 7B widths, measured with FSDPMemTracker: 225 KB per token per layer, 66.5 KB per patch
     seven = memory.load_model_config(os.path.join(ROOT, "configs", "qwen2_5_vl_7b.json"))
-    assert memory.lm_token_bytes(seven.text_config) / 1000 == pytest.approx(225, rel=0.01)
-    assert memory.vision_patch_bytes(seven.vision_config) / 1000 == pytest.approx(66.5, rel=0.01)
+    assert memory_sizes.lm_token_bytes(seven.text_config) / 1000 == pytest.approx(225, rel=0.01)
+    assert memory_sizes.vision_patch_bytes(seven.vision_config) / 1000 == pytest.approx(66.5, rel=0.01)
 
 
 @pytest.mark.parametrize("checkpointing, measured_gib", [(False, 57), (True, 21)])
@@ -135,12 +137,12 @@ def test_recipes_parse_check_and_fit_8x80gb(path):
 def test_paper_settings_in_recipes():
     mgpo = recipe_config(os.path.join(ROOT, "recipes", "mgpo_qwen2_5_vl_7b.yaml"))
     assert (mgpo.learning_rate, mgpo.kl_coef, mgpo.clip_eps_low, mgpo.global_max_pixels) == (1e-6, 0.01, 0.2, 1003520)
-    assert memory.visual_tokens_per_image(mgpo.global_max_pixels) == 1280
+    assert memory_sizes.visual_tokens_per_image(mgpo.global_max_pixels) == 1280
     s1 = recipe_config(os.path.join(ROOT, "recipes", "lfpc_stage1_qwen2_5_vl_7b.yaml"))
     s2 = recipe_config(os.path.join(ROOT, "recipes", "lfpc_stage2_qwen2_5_vl_7b.yaml"))
     assert (s1.stage, s1.learning_rate, s2.stage, s2.learning_rate) == (1, 1e-6, 2, 5e-7)  # Table 12
     assert (s1.batch_size, s1.num_generations, s1.max_response_tokens, s1.max_turns) == (256, 16, 2048, 5)
-    assert memory.visual_tokens_per_image(s1.global_max_pixels) == 16384
+    assert memory_sizes.visual_tokens_per_image(s1.global_max_pixels) == 16384
 
 
 def test_command_line_overrides_a_recipe():
@@ -213,3 +215,104 @@ def test_rollout_prefills_what_the_ledger_says(policy):
     user_turn2 = [next(i for i, m in enumerate(t.loss_mask) if i > t.loss_mask.index(1) and m == 0) for t in trajs]
     new = [t.loss_mask.index(1, start) - start for t, start in zip(trajs, user_turn2)]
     assert prefills == [(distinct, first_prompt - 1), (rows, max(new) + 1)]
+
+
+QWEN3_5_27B = os.path.join(ROOT, "configs", "qwen3_5_27b.json")
+
+
+def tiny_qwen3_5(layer_types, hidden=112, intermediate=200, key_heads=2, value_heads=6, key_dim=16, value_dim=20,
+                 heads=4, kv_heads=2, head=64, kernel=4):
+    """A bf16 Qwen3.5 of the given widths (vision tower of one block), built from its config class."""
+    from transformers import Qwen3_5Config
+    config = Qwen3_5Config(
+        text_config=dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=len(layer_types),
+                         layer_types=layer_types, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         head_dim=head, linear_num_key_heads=key_heads, linear_num_value_heads=value_heads,
+                         linear_key_head_dim=key_dim, linear_value_head_dim=value_dim, linear_conv_kernel_dim=kernel,
+                         vocab_size=300, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                          "partial_rotary_factor": 0.25, "mrope_interleaved": True,
+                                                          "mrope_section": [head // 16, head // 32, head // 32]}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=hidden),
+        image_token_id=290, video_token_id=291, vision_start_token_id=292, vision_end_token_id=293)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return QWEN3_5.model_class(config).to(torch.bfloat16)
+
+
+def test_qwen3_5_27b_config_loads_round_trips_and_builds():
+    from transformers import Qwen3_5Config
+    with open(QWEN3_5_27B) as f:
+        written = json.load(f)
+    config = memory.load_model_config(QWEN3_5_27B)
+    assert family_of(config) is QWEN3_5
+    back = Qwen3_5Config.from_json_file(QWEN3_5_27B).to_dict()  # every key kept, none rewritten
+    for part in ("text_config", "vision_config"):
+        assert {k: back[part][k] for k in written[part]} == written[part]
+    assert {k: back[k] for k in ("image_token_id", "video_token_id", "tie_word_embeddings")} == \
+        {k: written[k] for k in ("image_token_id", "video_token_id", "tie_word_embeddings")}
+    t = config.text_config
+    kinds = memory_sizes.layer_kinds(t)
+    assert kinds == (["linear_attention"] * 3 + ["full_attention"]) * 16  # full attention every 4th layer
+    assert memory_sizes.layer_kinds(t).count("full_attention") == 16 and memory_sizes.head_dim(t) == 256 != 5120 // 24
+    assert memory_sizes.kv_token_bytes(t) == 2 * 16 * 4 * 256 * 2 == 64 * 1024  # by hand: 16 layers, 4 KV heads of 256
+    # 48 layers x (conv 10,240 channels x 4 columns bf16 + 48 x 128 x 128 fp32)
+    assert memory_sizes.linear_state_bytes(t) == 48 * ((2 * 16 * 128 + 48 * 128) * 4 * 2 + 48 * 128 * 128 * 4)
+    assert 27.0 < memory.parameter_counts(config)["total"] / 1e9 < 28.0  # the name's 27B (MTP head not built)
+
+
+def test_hybrid_cache_bytes_match_what_transformers_allocates():
+    """A prefill of 3 rows x 11 tokens through 3 Gated DeltaNet and 1 full-attention layer: the bytes of every tensor
+    in the returned cache = rows x (tokens x kv_token_bytes + linear_state_bytes)."""
+    model = tiny_qwen3_5(["linear_attention"] * 3 + ["full_attention"], kernel=3).eval()
+    rows, tokens = 3, 11
+    with torch.no_grad():
+        cache = model(input_ids=torch.randint(0, 280, (rows, tokens)), use_cache=True).past_key_values
+    measured = 0
+    for layer in cache.layers:
+        states = [*getattr(layer, "conv_states", {}).values(), *getattr(layer, "recurrent_states", {}).values(),
+                  getattr(layer, "keys", None), getattr(layer, "values", None)]
+        measured += sum(s.numel() * s.element_size() for s in states if isinstance(s, torch.Tensor))
+    assert {s.dtype for s in cache.layers[0].recurrent_states.values()} == {torch.float32}  # fp32 in a bf16 model
+    t = model.config.text_config
+    assert measured == rows * (tokens * memory_sizes.kv_token_bytes(t) + memory_sizes.linear_state_bytes(t))
+
+
+def test_qwen3_5_activation_formulas_match_counted_saved_tensors():
+    """Widths the formulas were not fitted at; 192 tokens = 3 chunks of the Gated DeltaNet's 64."""
+    tokens = 192
+    for kind, formula in (("linear_attention", memory_sizes.gated_delta_token_bytes),
+                          ("full_attention", memory_sizes.gated_attention_token_bytes)):
+        model = tiny_qwen3_5([kind], hidden=176, intermediate=288, key_heads=3, value_heads=6, key_dim=24,
+                             value_dim=12, heads=6, kv_heads=3, head=32)
+        lm = QWEN3_5.language_model(model)
+        x = torch.randn(1, tokens, 176, dtype=torch.bfloat16, requires_grad=True)
+        positions = torch.arange(tokens)[None]
+        rotary = lm.rotary_emb(x, positions[None].expand(3, 1, tokens))
+        measured = saved_bytes(lm.layers[0], x, position_embeddings=rotary, attention_mask=None,
+                               position_ids=positions)
+        assert measured / tokens == pytest.approx(formula(model.config.text_config), rel=0.02), kind
+    per_layer = memory_sizes.layer_token_bytes(memory.load_model_config(QWEN3_5_27B).text_config)
+    assert per_layer[:4] == [775_979] * 3 + [365_016]
+
+
+def test_patching_follows_the_family():
+    # Qwen3-VL's recipe: 1,310,720 px = 1,280 tokens of 32 x 32 px (not 1,671 of 28 x 28); rows of 3 x 2 x 16 x 16
+    assert memory_sizes.visual_tokens_per_image(1_310_720, QWEN3_VL) == 1_310_720 // (32 * 32) == 1280
+    assert memory_sizes.visual_tokens_per_image(1_310_720) == 1671
+    assert (memory_sizes.patch_values(QWEN3_VL), memory_sizes.patch_values(QWEN2_5_VL)) == (1536, 1176)
+    cfg = recipe_config(os.path.join(ROOT, "recipes", "mgpo_qwen3_vl_8b.yaml"))
+    assert memory.trajectory_calls(cfg, family=QWEN3_VL)["tokens"] == 512 + 1280 + 8192 + 64 + 1280 + 8192
+
+
+def test_recurrent_family_shares_the_first_prompt_and_re_encodes_the_last_call():
+    """Qwen3.5 on the Qwen3-VL MGPO recipe: turn 1 prefills 512 + 1,280 tokens once per group; turn 2 re-encodes
+    512 + 1,280 + 8,192 + 64 + 1,280 tokens and both images for every row, with no cache before it."""
+    cfg = recipe_config(os.path.join(ROOT, "recipes", "mgpo_qwen3_vl_8b.yaml"))
+    first, last = memory.trajectory_calls(cfg, family=QWEN3_5, continued=False)["calls"]
+    assert first == dict(cached=0, new=512 + 1280, new_patches=4 * 1280, shared=True)
+    assert last == dict(cached=0, new=512 + 1280 + 8192 + 64 + 1280, new_patches=4 * 2560, shared=False)
+    config = memory.load_model_config(QWEN3_5_27B)
+    prediction = memory.predict(cfg, config, 8)
+    rows, t = 8, config.text_config  # rollout_batch_size 8: one group of G 8 per call
+    assert prediction["rollout: prefill"]["KV cache (before the call and its prefill)"] == \
+        rows * (last["new"] * 64 * 1024 + memory_sizes.linear_state_bytes(t))

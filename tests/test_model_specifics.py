@@ -16,10 +16,6 @@ SPECIFICS = {
     "a module path": re.compile(r"\bmodel\.(?:model\.visual|lm_head)\b"),  # family.vision_tower / family.lm_head
     "a bare merge": re.compile(r"//\s*4\b|merge_size\s*=\s*2\b"),  # family.tokens_per_image
 }
-# modules whose wiring belongs to another change, with why; remove an entry once that module reads family.py
-NOT_YET = {"memory.py": "the memory model's config loading and token counts are wired by issue 25's memory work"}
-
-
 def modules():
     return sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py")))
 
@@ -37,6 +33,4 @@ def test_the_patterns_find_the_specifics_in_family_py():
 
 @pytest.mark.parametrize("name", [m for m in modules() if m != "family.py"])
 def test_no_module_but_family_py_names_model_specifics(name):
-    if name in NOT_YET:
-        pytest.skip(NOT_YET[name])
     assert hits(name) == [], "read these from family.py (family_of(model.config)):\n" + "\n".join(hits(name))
