@@ -162,16 +162,18 @@ def check_config(cfg, world_size, extra=()):
 
 
 def recipe_for(name, model):
-    """recipes/<name>_qwen2_5_vl_<size>.yaml when `model` is a local checkpoint of the shape of
-    configs/qwen2_5_vl_<size>.json (so that a plain `--model <7B dir>` runs at the papers' settings); '' for
+    """recipes/<name>_<family>_<size>.yaml when `model` is a local checkpoint of the family and shape of
+    configs/<family>_<size>.json (so that a plain `--model <7B dir>` runs at the papers' settings); '' for
     anything else (the tiny demo models). E.g. recipe_for("mgpo", "/ckpt/Qwen2.5-VL-7B-Instruct") ->
-    "recipes/mgpo_qwen2_5_vl_7b.yaml". A known size without a recipe for `name` stops, naming what to pass."""
+    "recipes/mgpo_qwen2_5_vl_7b.yaml". A known size without a recipe for `name` stops, naming what to pass. The
+    family counts: Qwen2.5-VL-32B and Qwen3.5-27B are both 64 layers of 5,120."""
     if not os.path.isfile(os.path.join(model, "config.json")):
         return ""
-    text = load_model_config(model).text_config
+    shape = lambda config: (config.model_type, config.text_config.hidden_size,  # noqa: E731
+                            config.text_config.num_hidden_layers)
+    ours = shape(load_model_config(model))
     for file in sorted(os.listdir(CONFIGS)):
-        known = load_model_config(os.path.join(CONFIGS, file)).text_config
-        if (known.hidden_size, known.num_hidden_layers) == (text.hidden_size, text.num_hidden_layers):
+        if shape(load_model_config(os.path.join(CONFIGS, file))) == ours:
             recipe = os.path.join(RECIPES, f"{name}_{file.removesuffix('.json')}.yaml")
             if not os.path.isfile(recipe):
                 raise SystemExit(f"error: --model {model!r} has the shape of {file}, and {recipe} does not exist: "

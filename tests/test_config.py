@@ -70,6 +70,9 @@ def test_a_real_checkpoint_without_config_gets_the_recipe_of_its_size(tmp_path, 
     shutil.copy("configs/qwen2_5_vl_32b.json", checkpoint / "config.json")  # no MGPO recipe for 32B
     with pytest.raises(SystemExit, match="qwen2_5_vl_32b.json.*pass --config"):
         parse(train_mgpo.Config, lambda a: "mgpo", ["--model", str(checkpoint)])
+    shutil.copy("configs/qwen3_5_27b.json", checkpoint / "config.json")  # 64 x 5,120 like the 32B, another family
+    with pytest.raises(SystemExit, match="qwen3_5_27b.json.*pass --config"):
+        parse(train_mgpo.Config, lambda a: "mgpo", ["--model", str(checkpoint)])
 
 
 def test_pixel_budgets_hold_one_visual_token_of_the_loaded_model():
