@@ -25,6 +25,25 @@ def user_content(parts):
     return [{"type": "image"} if isinstance(p, Image.Image) else {"type": "text", "text": p} for p in parts]
 
 
+THINKING = ("template", "on", "off")
+SWITCH = "{%- set enable_thinking = "  # what with_thinking puts before a template
+
+
+def with_thinking(template, thinking, model):
+    """The chat template with its `enable_thinking` switch fixed for the whole run, so that every piece the rollout
+    renders (first prompt, later user turns, closings) and the saved checkpoint agree: 'template' leaves it as
+    shipped. E.g. Qwen3.5's, 'off': each generation prompt ends '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n'
+    instead of '...<think>\\n'. A template without the switch (Qwen2.5-VL, both Qwen3-VL) stops the run. A checkpoint
+    this code saved (resumed, evaluated) has its switch replaced, not stacked."""
+    if thinking == "template":
+        return template
+    if "enable_thinking" not in template:
+        raise SystemExit(f"error: --thinking {thinking}: the chat template of --model {model!r} has no enable_thinking "
+                         f"switch; use --thinking template")
+    shipped = template.split(" %}", 1)[1] if template.startswith(SWITCH) else template
+    return SWITCH + ("true" if thinking == "on" else "false") + " %}" + shipped
+
+
 def encode_prompt(tokenizer, family, system, parts, grids):
     """Ids of system + first user turn + the assistant header, with image placeholders expanded."""
     messages = [{"role": "system", "content": system}, {"role": "user", "content": user_content(parts)}]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import yaml
 from transformers import HfArgumentParser
 
+from chat import THINKING
 from family import FAMILIES
 from memory import CONFIGS, load_model_config
 
@@ -98,6 +99,7 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "recompute decoder layers and vision blocks in backward (saves memory)")
     freeze_vision_tower: bool = opt(False, "train the language model only (verl's name)")
     attn_implementation: str = opt("sdpa", "passed to from_pretrained: 'sdpa', 'eager' or 'flash_attention_2'")
+    thinking: str = opt("template", "Qwen3.5's enable_thinking: template (as shipped), on or off")
     clip_eps_low: float = opt(0.2, "PPO clip: the ratio is clipped below at 1 - clip_eps_low")
     clip_eps_high: float = opt(0.2, "PPO clip: the ratio is clipped above at 1 + clip_eps_high")
     clip_ratio_c: float = opt(3.0, "dual clip: a negative advantage's token loss is at most -A * c (verl's 3; 0: off)")
@@ -140,6 +142,7 @@ def check_config(cfg, world_size, extra=()):
          f"--micro_batch_size {cfg.micro_batch_size} must divide the mini-batch "
          f"({cfg.mini_batch_size or per_rank_trajs} trajectories per rank)"),
         (cfg.loss_agg in ("token_mean", "seq_mean"), f"--loss_agg {cfg.loss_agg!r}: use token_mean or seq_mean"),
+        (cfg.thinking in THINKING, f"--thinking {cfg.thinking!r}: use one of {', '.join(THINKING)}"),
         (cfg.clip_ratio_c == 0 or cfg.clip_ratio_c > 1, f"--clip_ratio_c {cfg.clip_ratio_c} must be > 1 (or 0: off)"),
         (cfg.kl_clamp >= 0 and cfg.tis_cap >= 0, "--kl_clamp and --tis_cap must be >= 0 (0: off)"),
         (cfg.temperature > 0, "--temperature must be > 0"),

@@ -37,6 +37,7 @@ from transformers.utils import logging as hf_logging
 
 from answers import answer_matches
 from benchmarks import read_benchmark
+from chat import THINKING
 from config import opt, parse_config, rollout_config
 from crop import box_metrics
 from data import LETTERS, load_image
@@ -79,6 +80,7 @@ class Config:
     max_response_tokens: int = opt(2048, "tool mode: sampled tokens per episode, all turns together")
     max_new_tokens_per_turn: int = opt(96, "tool mode: per assistant turn")
     temperature: float = opt(0.0, "0: greedy; > 0: sampled at this temperature")
+    thinking: str = opt("template", "Qwen3.5's enable_thinking: template (as shipped), on or off")
 
 
 def check_config(cfg):
@@ -86,6 +88,7 @@ def check_config(cfg):
                         (cfg.probe in PROBES, f"--probe {cfg.probe!r}: use one of {', '.join(PROBES)}"),
                         (cfg.probe == "none" or cfg.mode != "direct", "--probe needs --mode mgpo or tool (crops)"),
                         (cfg.batch_size >= 1, "--batch_size must be >= 1"),
+                        (cfg.thinking in THINKING, f"--thinking {cfg.thinking!r}: use one of {', '.join(THINKING)}"),
                         (cfg.temperature >= 0, f"--temperature {cfg.temperature}: use 0 (greedy) or more")]:
         if not ok:
             raise SystemExit(f"error: {message}")
@@ -276,7 +279,7 @@ def evaluate(cfg):
     rank, world_size = setup_distributed()
     device, dtype = default_device()
     os.makedirs(cfg.output_dir, exist_ok=True)
-    policy = load_policy(resolve_model_path(cfg.model, cfg.output_dir), device, dtype)
+    policy = load_policy(resolve_model_path(cfg.model, cfg.output_dir), device, dtype, thinking=cfg.thinking)
     policy[0].to(dtype)  # evaluation never trains: every rank holds the whole model in the compute dtype
     rcfg = rollout_config(cfg, policy[2], do_sample=cfg.temperature > 0, probe="none")
     torch.manual_seed(cfg.seed)

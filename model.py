@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+from chat import with_thinking
 from family import family_of
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -59,13 +60,13 @@ def check_attn_implementation(name):
                          "flash-attn --no-build-isolation, CUDA only); use sdpa without it")
 
 
-def load_policy(path, device, dtype, attn_implementation="sdpa", shard=False, frozen=False):
+def load_policy(path, device, dtype, attn_implementation="sdpa", shard=False, frozen=False, thinking="template"):
     """(model, tokenizer, image_processor) from a local checkpoint directory; the model in eval mode on `device`.
     The classes are those of the checkpoint's family (`family.family_of` its config.json's model_type).
 
     Not sharded: the whole model in `dtype`. Sharded (`shard`, under torchrun): see `load_sharded`; `frozen` for
     the KL reference (no gradients, weights kept in `dtype`). `model.config.dtype` stays the checkpoint's own
-    dtype (bf16 for the released Qwen checkpoints), which `save_policy` writes in."""
+    dtype (bf16 for the released Qwen checkpoints), which `save_policy` writes in. `thinking`: `chat.with_thinking`."""
     check_checkpoint_dir(path)
     check_attn_implementation(attn_implementation)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -83,6 +84,7 @@ def load_policy(path, device, dtype, attn_implementation="sdpa", shard=False, fr
                          f"\"chat_template\" in tokenizer_config.json); write the base model's template (the "
                          f"\"chat_template\" of the -Instruct checkpoint's chat_template.json) to "
                          f"{os.path.join(path, 'chat_template.jinja')}")
+    tokenizer.chat_template = with_thinking(tokenizer.chat_template, thinking, path)
     image_processor = family.image_processor_class.from_pretrained(path, local_files_only=True)
     return model, tokenizer, image_processor
 

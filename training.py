@@ -52,7 +52,7 @@ def setup(cfg, extra_checks=()):
     path = resolve_model_path(cfg.model, cfg.output_dir)
     sharded = dist.is_initialized()  # rank 0 reads, every rank receives only its shards (model.load_sharded)
     model, tokenizer, image_processor = load_policy(resume_from or path, device, dtype, cfg.attn_implementation,
-                                                    shard=sharded)
+                                                    shard=sharded, thinking=cfg.thinking)
     rollout = rollout_config(cfg, image_processor)
     if rank == 0:  # the summary shows the resolved budgets
         print(startup_summary(replace(cfg, global_max_pixels=rollout.global_max_pixels,

@@ -28,7 +28,7 @@ import rollout
 from data import format_choices
 from model import load_policy
 from prompts import MGPO_PROMPTS, TOOL_PROMPTS, ZOOM_TOOL
-from chat import close_assistant_turn, encode_prompt, encode_user_turn, expand_image_pads
+from chat import close_assistant_turn, encode_prompt, encode_user_turn, expand_image_pads, with_thinking
 from family import QWEN2_5_VL, QWEN3_VL
 from rollout import append_sampled, apply_turn1_box, mgpo_rollout, start_trajectory, tool_rollout, tool_step
 from demo.synthetic import synthetic_samples
@@ -454,3 +454,34 @@ def test_template_without_one_closing_is_refused():
     tokenizer.chat_template = "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}"
     with pytest.raises(ValueError, match="does not write an assistant turn's content"):
         close_assistant_turn(tokenizer, [5])
+
+
+@pytest.mark.parametrize("thinking, opening", [("template", "<think>\n"), ("on", "<think>\n"),
+                                               ("off", "<think>\n\n</think>\n\n")])
+def test_thinking_switch_of_the_qwen3_5_template(thinking, opening):
+    """--thinking fixes the published Qwen3.5 template's enable_thinking: every generation prompt the rollout renders
+    opens the turn as the template does when called with enable_thinking itself (the independent rendering)."""
+    tokenizer = build_tiny_tokenizer("qwen3.5")
+    with open(os.path.join(TEMPLATE_DIR, "qwen3_5.jinja"), encoding="utf-8") as f:
+        shipped = tokenizer.chat_template = f.read()
+    family = tiny_spec("qwen3.5").family
+    messages = [{"role": "system", "content": "sys"}, {"role": "user", "content": "Where?"}]
+    kwargs = {} if thinking == "template" else {"enable_thinking": thinking == "on"}
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+    assert expected.endswith("<|im_start|>assistant\n" + opening)
+    tokenizer.chat_template = with_thinking(shipped, thinking, "m")
+    assert tokenizer.decode(encode_prompt(tokenizer, family, "sys", ["Where?"], GRIDS[:0])) == expected
+    assert tokenizer.decode(encode_user_turn(tokenizer, family, ["Now?"], GRIDS[:0])).endswith(
+        "Now?<|im_end|>\n<|im_start|>assistant\n" + opening)
+    # a saved checkpoint's template, loaded again with another choice, gets that choice (the switch is replaced)
+    if thinking != "template":
+        other = "on" if thinking == "off" else "off"
+        assert with_thinking(with_thinking(shipped, other, "m"), thinking, "m") == tokenizer.chat_template
+
+
+def test_thinking_switch_needs_a_template_that_has_one():
+    with open(os.path.join(TEMPLATE_DIR, "qwen3_vl_thinking.jinja"), encoding="utf-8") as f:
+        template = f.read()
+    assert with_thinking(template, "template", "m") == template
+    with pytest.raises(SystemExit, match="--thinking off: the chat template of --model 'm' has no enable_thinking"):
+        with_thinking(template, "off", "m")

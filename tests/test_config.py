@@ -88,3 +88,8 @@ def test_pixel_budgets_hold_one_visual_token_of_the_loaded_model():
         rollout_config(cfg, SimpleNamespace(patch_size=16, merge_size=2, size=size))
     with pytest.raises(SystemExit, match=r"--crop_max_pixels must be >= 784"):
         check_config(parse_config(train_mgpo.Config, ["--crop_max_pixels", "783"]), 1)
+
+
+def test_an_unknown_thinking_choice_stops():
+    with pytest.raises(SystemExit, match="--thinking 'maybe': use one of template, on, off"):
+        check_config(parse_config(train_mgpo.Config, ["--thinking", "maybe"]), 1)
