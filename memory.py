@@ -56,7 +56,7 @@ from types import SimpleNamespace
 
 import torch
 
-from family import QWEN2_5_VL, family_of
+from family import family_of
 from memory_sizes import (inference_patch_bytes, inference_token_bytes, kv_token_bytes, layer_kinds, layer_token_bytes,
                           linear_state_bytes, patch_values, patches_per_token, vision_patch_bytes,
                           visual_tokens_per_image)
@@ -98,8 +98,7 @@ def parameter_counts(config):
             "root": count(model) - count(visual) - sum(count(layer) for layer in lm.layers)}
 
 
-def trajectory_calls(cfg, text_tokens=(PROMPT_TEXT_TOKENS, TURN_TEXT_TOKENS), family=QWEN2_5_VL, shared=True,
-                     continued=True):
+def trajectory_calls(cfg, family, text_tokens=(PROMPT_TEXT_TOKENS, TURN_TEXT_TOKENS), shared=True, continued=True):
     """A whole trajectory's shape and its generate calls' (each call's worst case), from the recipe's budgets.
 
     Returns {tokens: a whole trajectory, patches: its vision patches, shortest: the shortest trajectory (its first
@@ -171,7 +170,7 @@ def predict(cfg, model_config, world_size, as_of="after", dtype_bytes=2,
     rows, distinct = chunk_rows(cfg, cfg.batch_size // world_size * cfg.num_generations, after)
     # before issue 23 only MGPO's turn 2 continued from the cache; a recurrent cache never continues
     continued = not family.recurrent_cache and (after or hasattr(cfg, "max_new_tokens_turn1"))
-    shape = trajectory_calls(cfg, text_tokens, family, shared=after, continued=continued)
+    shape = trajectory_calls(cfg, family, text_tokens, shared=after, continued=continued)
     always = {
         "fp32 shard of the weights": n["total"] * 4 / world_size,
         "AdamW state (2 moments, fp32, sharded)": 2 * trained * 4 / world_size,
@@ -197,7 +196,7 @@ def predict(cfg, model_config, world_size, as_of="after", dtype_bytes=2,
                                                 dtype_bytes)}}
 
 
-def micro_batch_shape(cfg, shape, after=True, family=QWEN2_5_VL):
+def micro_batch_shape(cfg, shape, family, after=True):
     """(tokens, vision patches) of the update's largest micro-batch, padded. With max_tokens_per_micro_batch N:
     at most N padded tokens, or one trajectory longer than N alone; at most N // shortest trajectories, and 4
     patches per visual token. E.g. LFPC, N 40,960: trajectories of 16,897 to 39,744 tokens -> at most 2 rows, 40,960
@@ -212,7 +211,7 @@ def micro_batch_shape(cfg, shape, after=True, family=QWEN2_5_VL):
 def update_lines(cfg, model_config, n, trained, world_size, shape, ckpt, after, dtype_bytes):
     """The update's own lines: gradients, the gathered units, one micro-batch's activations and logits."""
     t, v, family = model_config.text_config, model_config.vision_config, family_of(model_config)
-    tokens, patches = micro_batch_shape(cfg, shape, after, family)
+    tokens, patches = micro_batch_shape(cfg, shape, family, after)
     patches *= not cfg.freeze_vision_tower
     layers, blocks, per_layer = t.num_hidden_layers, v.depth, layer_token_bytes(t)
     largest = max(tokens * max(per_layer), patches * vision_patch_bytes(v))
@@ -306,7 +305,7 @@ def main(argv=None):
     as_of = ["before", "after"] if args.as_of == "both" else [args.as_of]
     columns = {a: predict(cfg, model_config, args.nproc_per_node, a) for a in as_of}
     family = family_of(model_config)
-    shape = trajectory_calls(cfg, family=family)
+    shape = trajectory_calls(cfg, family)
     per_rank = cfg.batch_size // args.nproc_per_node * cfg.num_generations
     global_tokens = visual_tokens_per_image(cfg.global_max_pixels or PROCESSOR_MAX_PIXELS, family)
     crop_tokens = visual_tokens_per_image(cfg.crop_max_pixels or cfg.global_max_pixels or PROCESSOR_MAX_PIXELS, family)

@@ -9,13 +9,11 @@ token. Activation sizes were counted with `saved_tensors_hooks` (tests/test_memo
 formulas were not fitted at); Qwen3.5's are transformers' torch fallback's.
 """
 
-from family import QWEN2_5_VL
-
 TEMPORAL_PATCH = 2  # an image is repeated over the vision tower's 2 frames
 CHUNK = 64          # the Gated DeltaNet's chunk length (transformers' torch fallback, fla's kernels)
 
 
-def visual_tokens_per_image(max_pixels, family=QWEN2_5_VL):
+def visual_tokens_per_image(max_pixels, family):
     """Visual tokens of an image filling `max_pixels`: factor x factor pixels per token (Qwen2.5-VL: 14-px patches,
     2 x 2 merge, 28 x 28; Qwen3-VL and Qwen3.5: 32 x 32). 1,003,520 -> 1,280 (MGPO); 12,845,056 -> 16,384 (the
     processor's default, LFPC's view); Qwen3-VL's 1,310,720 -> 1,280."""

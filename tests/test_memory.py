@@ -137,12 +137,12 @@ def test_recipes_parse_check_and_fit_8x80gb(path):
 def test_paper_settings_in_recipes():
     mgpo = recipe_config(os.path.join(ROOT, "recipes", "mgpo_qwen2_5_vl_7b.yaml"))
     assert (mgpo.learning_rate, mgpo.kl_coef, mgpo.clip_eps_low, mgpo.global_max_pixels) == (1e-6, 0.01, 0.2, 1003520)
-    assert memory_sizes.visual_tokens_per_image(mgpo.global_max_pixels) == 1280
+    assert memory_sizes.visual_tokens_per_image(mgpo.global_max_pixels, QWEN2_5_VL) == 1280
     s1 = recipe_config(os.path.join(ROOT, "recipes", "lfpc_stage1_qwen2_5_vl_7b.yaml"))
     s2 = recipe_config(os.path.join(ROOT, "recipes", "lfpc_stage2_qwen2_5_vl_7b.yaml"))
     assert (s1.stage, s1.learning_rate, s2.stage, s2.learning_rate) == (1, 1e-6, 2, 5e-7)  # Table 12
     assert (s1.batch_size, s1.num_generations, s1.max_response_tokens, s1.max_turns) == (256, 16, 2048, 5)
-    assert memory_sizes.visual_tokens_per_image(s1.global_max_pixels) == 16384
+    assert memory_sizes.visual_tokens_per_image(s1.global_max_pixels, QWEN2_5_VL) == 16384
 
 
 def test_command_line_overrides_a_recipe():
@@ -172,18 +172,19 @@ def test_lfpc_rounds_continue_and_micro_batches_by_hand():
     """LFPC's budgets: 16,384 + 5 x 4,096 visual, 512 + 5 x 64 text and 2,048 sampled tokens = 39,744. The last
     round prefills 64 + 4,096 tokens on 35,584 cached; re-encoding (before issue 23) prefilled all 39,744."""
     cfg = recipe_config(os.path.join(ROOT, "recipes", "lfpc_stage1_qwen2_5_vl_7b.yaml"))
-    shape = memory.trajectory_calls(cfg)
+    shape = memory.trajectory_calls(cfg, QWEN2_5_VL)
     assert shape["tokens"] == 39_744 and shape["shortest"] == 512 + 16_384 + 1
     first, last = shape["calls"]
     assert first == dict(cached=0, new=512 + 16_384, new_patches=4 * 16_384, shared=True)
     assert last == dict(cached=39_744 - 4_160, new=4_160, new_patches=4 * 4_096, shared=False)
-    assert memory.trajectory_calls(cfg, continued=False)["calls"][1]["new"] == 39_744
+    assert memory.trajectory_calls(cfg, QWEN2_5_VL, continued=False)["calls"][1]["new"] == 39_744
     # the update's micro-batch: micro_batch_size x the longest, or a token budget: 40,960 fits 2 of the shortest
     # (2 x 16,897), and at most 4 patches per token
     budget = lambda n: SimpleNamespace(max_tokens_per_micro_batch=n, micro_batch_size=1)  # noqa: E731
-    assert memory.micro_batch_shape(budget(0), shape) == (39_744, 4 * (16_384 + 5 * 4_096))
-    assert memory.micro_batch_shape(budget(40_960), shape) == (40_960, 4 * 40_960)
-    assert memory.micro_batch_shape(budget(10_000), shape) == (39_744, 4 * (16_384 + 5 * 4_096))  # one, alone
+    assert memory.micro_batch_shape(budget(0), shape, QWEN2_5_VL) == (39_744, 4 * (16_384 + 5 * 4_096))
+    assert memory.micro_batch_shape(budget(40_960), shape, QWEN2_5_VL) == (40_960, 4 * 40_960)
+    alone = memory.micro_batch_shape(budget(10_000), shape, QWEN2_5_VL)  # one trajectory longer than the budget
+    assert alone == (39_744, 4 * (16_384 + 5 * 4_096))
     # the KV cache at 12 rows: 12 x 39,744 tokens x 56 KiB, before the last round's call and at its end (x 29/28)
     prediction = memory.predict(cfg, memory.load_model_config(memory.model_config_path(
         "lfpc_stage1_qwen2_5_vl_7b.yaml")), 8)
@@ -298,17 +299,17 @@ def test_qwen3_5_activation_formulas_match_counted_saved_tensors():
 def test_patching_follows_the_family():
     # Qwen3-VL's recipe: 1,310,720 px = 1,280 tokens of 32 x 32 px (not 1,671 of 28 x 28); rows of 3 x 2 x 16 x 16
     assert memory_sizes.visual_tokens_per_image(1_310_720, QWEN3_VL) == 1_310_720 // (32 * 32) == 1280
-    assert memory_sizes.visual_tokens_per_image(1_310_720) == 1671
+    assert memory_sizes.visual_tokens_per_image(1_310_720, QWEN2_5_VL) == 1671
     assert (memory_sizes.patch_values(QWEN3_VL), memory_sizes.patch_values(QWEN2_5_VL)) == (1536, 1176)
     cfg = recipe_config(os.path.join(ROOT, "recipes", "mgpo_qwen3_vl_8b.yaml"))
-    assert memory.trajectory_calls(cfg, family=QWEN3_VL)["tokens"] == 512 + 1280 + 8192 + 64 + 1280 + 8192
+    assert memory.trajectory_calls(cfg, QWEN3_VL)["tokens"] == 512 + 1280 + 8192 + 64 + 1280 + 8192
 
 
 def test_recurrent_family_shares_the_first_prompt_and_re_encodes_the_last_call():
     """Qwen3.5 on the Qwen3-VL MGPO recipe: turn 1 prefills 512 + 1,280 tokens once per group; turn 2 re-encodes
     512 + 1,280 + 8,192 + 64 + 1,280 tokens and both images for every row, with no cache before it."""
     cfg = recipe_config(os.path.join(ROOT, "recipes", "mgpo_qwen3_vl_8b.yaml"))
-    first, last = memory.trajectory_calls(cfg, family=QWEN3_5, continued=False)["calls"]
+    first, last = memory.trajectory_calls(cfg, QWEN3_5, continued=False)["calls"]
     assert first == dict(cached=0, new=512 + 1280, new_patches=4 * 1280, shared=True)
     assert last == dict(cached=0, new=512 + 1280 + 8192 + 64 + 1280, new_patches=4 * 2560, shared=False)
     config = memory.load_model_config(QWEN3_5_27B)
