@@ -188,6 +188,13 @@ def in_step_over_ranks(minis):
     return [mini + [None] * (int(max_over_ranks(len(mini))) - len(mini)) for mini in minis]
 
 
+def spare_of(trajs, micros):
+    """[the shortest trajectory of `micros`]: what a pass of zero weight runs (in_step_over_ranks), the cheapest real
+    input that goes through every FSDP unit (each trajectory has an image). E.g. lengths [900, 40, 300], micros
+    [[0], [2, 1], None] -> [1]."""
+    return [min((i for micro in micros if micro is not None for i in micro), key=lambda i: len(trajs[i].input_ids))]
+
+
 def micro_inputs(trajs, micro, spare, tokenizer, model, device, dtype):
     """(trajectories, batch, loss_mask) of a micro-batch; a None micro-batch runs the `spare` indices instead."""
     chosen = [trajs[i] for i in (spare if micro is None else micro)]
@@ -201,7 +208,7 @@ def batch_logprobs(model, trajs, tokenizer, cfg, device, dtype, micros=None):
     by default micro_batch_size consecutive trajectories."""
     micros = micros or split(list(range(len(trajs))), cfg.micro_batch_size)
     forbidden = forbidden_token_ids(model, tokenizer)
-    spare = next(m for m in micros if m is not None)[-1:]
+    spare = spare_of(trajs, micros)
     out = []
     for micro in micros:
         _, batch, mask = micro_inputs(trajs, micro, spare, tokenizer, model, device, dtype)
@@ -265,16 +272,17 @@ def accumulate(model, trajs, advantages, old, ref, micros, tokenizer, cfg, devic
     sync on all but the last micro-batch would keep unsharded fp32 gradients of the whole model on every rank,
     33 GB at 7B."""
     live = [i for micro in micros if micro is not None for i in micro]
+    spare = spare_of(trajs, micros)
     if cfg.loss_agg == "token_mean":
         denom = all_reduce_sum(sum(sum(trajs[i].loss_mask) for i in live)) / world()
     else:  # seq_mean: each sequence's token-mean, averaged over the global mini-batch's sequences
         denom = all_reduce_sum(len(live)) / world()
     stats = dict.fromkeys(("loss", "clip_frac", "kl", "rollout_logprob_diff", "rollout_kl", "tokens"), 0.0)
     for micro in micros:
-        # a pass of zero weight runs a real trajectory (the shortest, when packed by length) through every unit,
-        # so that its all-gathers and reduce-scatters are those of the other ranks' passes
-        chosen, batch, mask = micro_inputs(trajs, micro, live[-1:], tokenizer, model, device, dtype)
-        rows = live[-1:] if micro is None else micro
+        # a pass of zero weight runs a real trajectory through every unit, so that its all-gathers and
+        # reduce-scatters are those of the other ranks' passes
+        chosen, batch, mask = micro_inputs(trajs, micro, spare, tokenizer, model, device, dtype)
+        rows = spare if micro is None else micro
         weight = mask if cfg.loss_agg == "token_mean" else mask / mask.sum(1, keepdim=True).clamp(min=1)
         logprobs = sequence_logprobs(model, batch, mask, forbidden, cfg.temperature)
         old_logprobs = logprobs.detach() if old is None else padded([old[i] for i in rows], mask.shape[1], device)

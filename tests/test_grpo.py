@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from grpo import (accumulate, batch_logprobs, by_trajectory, gather_logprobs, group_advantages, grpo_update, k3,
-                  micro_batches, policy_loss, sequence_logprobs, training_batch)
+                  micro_batches, policy_loss, sequence_logprobs, spare_of, training_batch)
 from generation import forbidden_token_ids
 from tests.helpers import ADVANTAGES, small_rollout
 
@@ -312,3 +312,10 @@ def test_loss_options_are_checked_at_start_up():
         with pytest.raises(SystemExit, match=flag):
             check_config(parse_config(Config, argv), 1)
     check_config(parse_config(Config, ["--clip_ratio_c", "0", "--tis_cap", "2", "--kl_clamp", "0"]), 1)
+
+
+def test_a_pass_of_zero_weight_runs_the_shortest_trajectory():
+    """Packed longest first, the first micro-batch ends with a long trajectory: the spare is the shortest of all."""
+    trajs = [SimpleNamespace(input_ids=[0] * n) for n in (900, 40, 300, 850)]
+    assert spare_of(trajs, [[0, 3], [2, 1], None]) == [1]
+    assert spare_of(trajs, [None, [3], [2]]) == [2]
