@@ -135,8 +135,7 @@ def run_batch(policy, samples, mode, rcfg):
     """One answer per sample in `mode`, with the rollout options `rcfg` (a config.RolloutConfig)."""
     model, tokenizer, image_processor = policy
     if mode == "direct":
-        return direct_rollout(model, tokenizer, image_processor, samples, 1, rcfg, rcfg.max_new_tokens,
-                              do_sample=rcfg.do_sample)
+        return direct_rollout(model, tokenizer, image_processor, samples, 1, rcfg)
     if mode == "mgpo":
         return mgpo_rollout(model, tokenizer, image_processor, samples, 1, rcfg)
     return tool_rollout(model, tokenizer, image_processor, samples, 1, rcfg)

@@ -279,10 +279,11 @@ def tool_rollout(model, tokenizer, image_processor, samples, num_generations, cf
     trajs, originals = start_groups(
         samples, tokenizer, image_processor, family, num_generations, cfg, prompts.system,
         lambda s: prompts.user.format(question=s.question, choices=format_choices(s.options)))
+    first = fork(trajs[0])  # kept at its first prompt, for a rank out of chunks
     for part in chunks(model, range(len(trajs)), cfg.rollout_batch_size, num_generations):
         part = part or []  # None: a rank out of chunks joins the others' rounds with a stand-in
         tool_episodes(model, tokenizer, image_processor, [trajs[i] for i in part], [originals[i] for i in part],
-                      cfg, prompts, stand_in=fork(trajs[0]))
+                      cfg, prompts, stand_in=fork(first))
     release_cache()
     return trajs
 
@@ -326,18 +327,19 @@ def rounds_left(model, going):
 # ---------------------------------------------------------------------------------------------------------------
 # One turn, no tool.
 
-def direct_rollout(model, tokenizer, image_processor, samples, num_generations, cfg, max_new_tokens,
-                   do_sample=False):
-    """One turn per sample from the global view alone, no crop (each image under the global budget, after its
-    `global_size` when it has one): the evaluation baseline (greedy) and the direct baseline's GRPO (train_mgpo.py
-    --direct; sampled at cfg.temperature, `num_generations` per sample); in chunks of `cfg.rollout_batch_size`."""
+def direct_rollout(model, tokenizer, image_processor, samples, num_generations, cfg):
+    """One turn of up to `cfg.max_new_tokens` per sample from the global view alone, no crop (each image under the
+    global budget, after its `global_size` when it has one): the evaluation baseline (greedy) and the direct
+    baseline's GRPO (train_mgpo.py --direct; sampled at cfg.temperature, `num_generations` per sample); in chunks of
+    `cfg.rollout_batch_size`."""
     trajs, _ = start_groups(
         samples, tokenizer, image_processor, family_of(model.config), num_generations, cfg, DIRECT_SYSTEM,
         lambda s: DIRECT_PROMPT.format(question=s.question, choices=format_choices(s.options)))
+    stand_in = [fork(t) for t in trajs[:1]]  # kept at its first prompt, for a rank out of chunks
     for part in chunks(model, trajs, cfg.rollout_batch_size, num_generations):  # None: a stand-in, discarded
-        batch = shared_prompt_batch(model, tokenizer, part or trajs[:1])
-        outs = generate_turn(model, tokenizer, batch, max_new_tokens, temperature=cfg.temperature,
-                             do_sample=do_sample)[0]  # its cache freed here
+        batch = shared_prompt_batch(model, tokenizer, part or stand_in)
+        outs = generate_turn(model, tokenizer, batch, cfg.max_new_tokens, temperature=cfg.temperature,
+                             do_sample=cfg.do_sample)[0]  # its cache freed here
         for traj, (sampled, logprobs) in zip(part or [], outs):
             append_sampled(traj, sampled, logprobs, tokenizer)
     release_cache()
@@ -347,4 +349,5 @@ def direct_rollout(model, tokenizer, image_processor, samples, num_generations, 
 def direct_answers(model, tokenizer, image_processor, items, cfg, max_new_tokens):
     """Greedy one-turn answers to [(sample, (w, h)), ...], each sample's image first brought to size (w, h)."""
     shown = [replace(sample, global_size=list(size)) for sample, size in items]
-    return [t.texts[-1] for t in direct_rollout(model, tokenizer, image_processor, shown, 1, cfg, max_new_tokens)]
+    greedy = replace(cfg, do_sample=False, max_new_tokens=max_new_tokens)
+    return [t.texts[-1] for t in direct_rollout(model, tokenizer, image_processor, shown, 1, greedy)]

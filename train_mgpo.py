@@ -9,7 +9,7 @@ The step loop is `train` at the bottom; training.py holds the setup and bookkeep
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from transformers.utils import logging as hf_logging
 
@@ -73,7 +73,7 @@ def rollout(ctx, cfg, prompts):
     """MGPO's two turns, or with --direct the baseline's one answer from the global view (no box, no crop)."""
     if cfg.direct:
         return direct_rollout(ctx.model, ctx.tokenizer, ctx.image_processor, prompts, cfg.num_generations,
-                              ctx.rollout, cfg.max_new_tokens_turn2, do_sample=True)
+                              replace(ctx.rollout, max_new_tokens=cfg.max_new_tokens_turn2))
     return mgpo_rollout(ctx.model, ctx.tokenizer, ctx.image_processor, prompts, cfg.num_generations, ctx.rollout)
 
 
