@@ -5,6 +5,8 @@ The template writes one image placeholder per image (`Family.image_pad`); the mo
 visual tokens (`Family.tokens_per_image`), so the rendered text is expanded before it is tokenized, as the HF
 processor does. The rollout (rollout.py) appends these ids to what the model sampled, never re-encoding a turn."""
 
+import functools
+
 import torch
 from PIL import Image
 
@@ -69,6 +71,13 @@ def after_turn(tokenizer, messages, **kwargs):
     return text.split(TURN)[1]
 
 
+@functools.lru_cache(maxsize=16)
+def closing(tokenizer, template):
+    """The chat template's closing of an assistant turn (Qwen's '<|im_end|>\\n'): rendered once per tokenizer and
+    template (the rollout asks for it twice per turn of every trajectory), `template` keying a changed one anew."""
+    return after_turn(tokenizer, [])
+
+
 def encode_user_turn(tokenizer, family, parts, grids):
     """Ids of a later user turn plus the next assistant header, cut from the chat template's own rendering of
     [..., assistant, user]: what follows the assistant turn's closing (`close_assistant_turn`). E.g. for Qwen2.5-VL:
@@ -78,13 +87,13 @@ def encode_user_turn(tokenizer, family, parts, grids):
     The cut is taken after the turn, not as the difference of two whole renderings: thinking templates write the
     last assistant turn with a (possibly empty) <think> block and earlier ones without, so a conversation renders
     differently once a turn is added. The rollout keeps the sampled ids as they are either way."""
-    closing = after_turn(tokenizer, [])
+    end = closing(tokenizer, tokenizer.chat_template)
     after = after_turn(tokenizer, [{"role": "user", "content": user_content(parts)}], add_generation_prompt=True)
-    if not after.startswith(closing):
-        raise ValueError(f"the checkpoint's chat template ends an assistant turn with {closing!r} when it is the last "
-                         f"one but with {after[:len(closing)]!r} when a user turn follows; the rollout appends turns "
+    if not after.startswith(end):
+        raise ValueError(f"the checkpoint's chat template ends an assistant turn with {end!r} when it is the last "
+                         f"one but with {after[:len(end)]!r} when a user turn follows; the rollout appends turns "
                          f"to sampled ids and needs one closing")
-    return tokenizer(expand_image_pads(after[len(closing):], grids, family), add_special_tokens=False)["input_ids"]
+    return tokenizer(expand_image_pads(after[len(end):], grids, family), add_special_tokens=False)["input_ids"]
 
 
 def close_assistant_turn(tokenizer, sampled):
@@ -93,7 +102,7 @@ def close_assistant_turn(tokenizer, sampled):
     already have sampled the closing's first token (it stops there): then only the rest. A turn cut by a stop string
     or the length limit, or ended by another of the checkpoint's end ids (Qwen's <|endoftext|>, kept as sampled),
     gets the whole closing."""
-    ids = tokenizer(after_turn(tokenizer, []), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(closing(tokenizer, tokenizer.chat_template), add_special_tokens=False)["input_ids"]
     return ids[1:] if sampled and ids and sampled[-1] == ids[0] else ids
 
 
