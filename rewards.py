@@ -14,7 +14,7 @@ import re
 from functools import partial
 
 from answers import answer_matches, extract_answer_tag, extract_boxed, unboxed
-from crop import coverage, iou, l1_distance, parse_box
+from crop import box_metrics, l1_distance, parse_box
 
 # -----------------------------------------------------------------------------
 # accuracy (shared by the recipes)
@@ -143,8 +143,8 @@ def grounding_reward(pred: list[float] | None, gt_boxes: list[list[float]], size
         raise ValueError("grounding_reward needs at least one ground-truth box")
     if pred is None:
         return dict.fromkeys(GROUNDING_KEYS, 0.0)
-    covered = coverage(pred, gt_boxes[0])
-    r_iou = max(iou(pred, box) for box in gt_boxes) if covered > coverage_threshold else 0.0
+    best_iou, covered, _ = box_metrics(pred, gt_boxes, size)  # the rule the held-out report measures with
+    r_iou = best_iou if covered > coverage_threshold else 0.0
     r_l1 = 1.0 - min(l1_distance(pred, box, size) for box in gt_boxes)
     r_geo = iou_weight * r_iou + (1.0 - iou_weight) * r_l1
     return {"coverage": covered, "r_iou": r_iou, "r_l1": r_l1, "r_geo": r_geo}
