@@ -25,6 +25,14 @@ def setup_distributed():
     return 0, 1
 
 
+def teardown_distributed():
+    """The end of a run under torchrun: rank 0 may still be writing (a checkpoint, results.json), and tearing the
+    group down before the others reach this point can abort gloo."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def world():
     return dist.get_world_size() if dist.is_initialized() else 1
 

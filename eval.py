@@ -41,7 +41,7 @@ from chat import THINKING
 from config import opt, parse_config, rollout_config
 from crop import box_metrics
 from data import LETTERS, load_image
-from distributed import setup_distributed
+from distributed import setup_distributed, teardown_distributed
 from family import family_of
 from model import default_device, load_policy
 from pictures import save_picture, trajectory_picture
@@ -296,9 +296,7 @@ def evaluate(cfg):
         runs[f"accuracy_change_{cfg.probe}"] = runs[f"probe_{cfg.probe}"]["accuracy"] - runs["unprobed"]["accuracy"]
     if rank == 0:
         write_results(cfg, rcfg, family_of(policy[0].config), runs, all_records)
-    if dist.is_initialized():
-        dist.barrier()  # rank 0 wrote the results; tearing down before the others can abort gloo
-        dist.destroy_process_group()
+    teardown_distributed()
     return runs
 
 

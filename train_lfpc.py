@@ -25,6 +25,8 @@ from answers import extract_choice, normalize_answer, unboxed
 from checkpoint import save_checkpoint
 from config import TrainConfig, opt, parse_config, recipe_for
 from crop import box_metrics
+from demo.tiny import DEMO_MIN_BOX_SIDE
+from distributed import teardown_distributed
 from grpo import group_advantages, grpo_update
 from model import gathered
 from report import held_out, report_after
@@ -32,8 +34,7 @@ from resolution import UNCHANGED, apply_resolutions, format_report, level_report
 from rewards import (COVERAGE_THRESHOLD, crop_grounding, lfpc_format_reward, lfpc_stage1_reward, lfpc_stage2_reward,
                      tool_accuracy_reward)
 from rollout import direct_answers, tool_rollout, visual_tokens
-from demo.tiny import DEMO_MIN_BOX_SIDE
-from training import (batch_stream, count_nonfinite, finish, load_training_samples, log_step, open_metrics_log,
+from training import (batch_stream, count_nonfinite, load_training_samples, log_step, open_metrics_log,
                       save_due, setup, step_metrics, steps)
 
 STAGE_LEARNING_RATES = {1: 1e-6, 2: 5e-7}  # the paper's Table 12
@@ -179,7 +180,7 @@ def train(cfg):
             save_checkpoint(ctx, cfg, step)
     if cfg.eval_samples:
         report_after(ctx, cfg, "tool", f"lfpc stage {cfg.stage} on {cfg.data}")
-    finish()
+    teardown_distributed()
 
 
 if __name__ == "__main__":

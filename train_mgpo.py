@@ -17,12 +17,13 @@ from checkpoint import save_checkpoint
 from config import TrainConfig, opt, parse_config, recipe_for
 from crop import box_metrics
 from demo.tiny import COMMITTED, DEMO_MIN_BOX_SIDE, TINY_NAMES
+from distributed import teardown_distributed
 from grpo import group_advantages, grpo_update
 from model import gathered
 from report import held_out, report_after
 from rewards import mgpo_format_ok, mgpo_reward
 from rollout import direct_rollout, mgpo_rollout
-from training import (batch_stream, count_nonfinite, finish, load_training_samples, log_step, open_metrics_log,
+from training import (batch_stream, count_nonfinite, load_training_samples, log_step, open_metrics_log,
                       save_due, setup, step_metrics, steps)
 
 
@@ -104,7 +105,7 @@ def train(cfg):
             save_checkpoint(ctx, cfg, step)
     if cfg.eval_samples:
         report_after(ctx, cfg, mode, f"{mode} on {cfg.data}")
-    finish()
+    teardown_distributed()
 
 
 if __name__ == "__main__":

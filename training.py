@@ -1,12 +1,12 @@
 """What both training scripts call (this module never calls back into a recipe): the run's setup (distributed,
-model, optimizer, resume), its training data stream, the metrics of a step over all ranks, the metrics log and
-the teardown. The step loop itself is in each script (train_mgpo.py, train_lfpc.py):
+model, optimizer, resume), its training data stream, the metrics of a step over all ranks, and the metrics log.
+The step loop itself is in each script (train_mgpo.py, train_lfpc.py):
 
     ctx = setup(cfg)                                   model, tokenizer, image processor, optimizer, rank, ...
     for step in steps(ctx, cfg):
         rollout -> rewards -> grpo.group_advantages -> grpo.grpo_update -> step_metrics -> log_step
         -> checkpoint.save_checkpoint
-    finish()
+    teardown_distributed()                             (distributed.py)
 """
 
 import json
@@ -170,7 +170,3 @@ def save_due(cfg, step):
     return step == cfg.max_steps or (cfg.save_steps and step % cfg.save_steps == 0)
 
 
-def finish():
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
