@@ -7,10 +7,12 @@ instead of naming Qwen2.5-VL's classes, tokens or numbers. What each caller read
     model_class, image_processor_class   model.py (load, build on meta), the demo's tiny builder, memory.py
     fsdp_units, vision_tower             model.shard_units (every unit, then the vision tower, then the root)
     image_pad, video_pad, vision_start   rollout: placeholder expansion, the ids generation must never sample
-    factor                               crop.smart_resize / resize_for_model, the processor's side check
-    tokens_per_image                     placeholder counts, visual-token metrics, memory.py's budgets
-    to_original, to_frame                cutting a crop (model frame -> original pixels), box metrics, demo bases
-    lm_head, final_norm, language_model  grpo's log-probs (hidden states after the final norm, lm_head weight)
+    factor, patch_size, merge_size       crop.smart_resize / resize_for_model, the processor's side check, memory_sizes
+    tokens_per_image                     placeholder counts, visual-token metrics
+    to_original                          cutting a crop (model frame -> original pixels)
+    to_frame                             its inverse: tests draw a box at a known place in the family's frame
+    lm_head                              grpo's log-probs (lm_head's weight on the final hidden states)
+    language_model                       memory.py (decoder layers on meta); final_norm: tests/test_family.py
     recurrent_cache                      generation.continues_from_cache: re-encode instead of continuing a turn
     frame                                prompts.prompts_for: the recipes' strings ask for boxes in this frame
 
